@@ -1,0 +1,89 @@
+"""What every diffusers backend shares: dtype and device choice, loading with clear errors,
+and the render → latent resolution rule (docs/backends.md)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..checks import check_choice
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``None``/"auto" → cuda when available, else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """``None``/"auto" → bf16 on CUDA (faster than fp16 for these models on H100), fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    check_choice("dtype", dtype, ["auto", *DTYPES])
+    return DTYPES[dtype]
+
+
+class ModelLoadError(OSError):
+    """A model folder or hub repository could not be loaded."""
+
+
+def load_component(cls, path: str, subfolder: Optional[str], **kwargs: Any):
+    """``cls.from_pretrained(path, subfolder=...)`` with an error that names the model, the
+    subfolder and how to get the weights (offline mode, missing folder, gated repo)."""
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or kwargs.get(
+            "local_files_only", False
+        )
+        if os.path.isdir(path):
+            hint = f"the local folder exists but lacks a loadable {cls.__name__} in {subfolder or '.'}"
+        elif offline:
+            hint = (
+                "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only) and the files are not in the "
+                f"Hugging Face cache; run `huggingface-cli download {path}` on a machine with internet, "
+                "or pass a local folder"
+            )
+        else:
+            hint = (
+                f"pass a local folder or a hub id; download it with `huggingface-cli download {path}` "
+                "(gated models such as SD3 need `huggingface-cli login` and accepting the licence)"
+            )
+        raise ModelLoadError(f"cannot load {cls.__name__} from {where}: {hint}. Original error: {e}") from e
+
+
+LATENT_RULES = ("native", "resize")
+
+
+def prepare_rgb(rgb: Tensor, rule: str, size: Optional[Tuple[int, int]], multiple: int) -> Tensor:
+    """Render [B,3,H,W] in [0,1] → VAE input in [−1, 1] by the latent resolution rule.
+
+    ``native``: encode at render resolution (SD3 reference: 256² renders → 32² latents);
+    H and W must be multiples of ``multiple`` (the VAE's downsampling factor).
+    ``resize``: bilinear resize to ``size`` first (InstaFlow reference: 512²).
+    """
+    check_choice("latent_rule", rule, LATENT_RULES)
+    if rgb.ndim != 4 or rgb.shape[1] != 3:
+        raise ValueError(f"rgb must have shape [B, 3, H, W] with values in [0, 1], got {tuple(rgb.shape)}")
+    if rule == "resize":
+        if size is None:
+            raise ValueError("latent_rule 'resize' needs a size (height, width)")
+        if tuple(rgb.shape[-2:]) != tuple(size):
+            rgb = F.interpolate(rgb, size=tuple(size), mode="bilinear", align_corners=False)
+    h, w = rgb.shape[-2:]
+    if h % multiple or w % multiple:
+        raise ValueError(
+            f"render size {h}x{w} is not a multiple of {multiple} (the VAE's downsampling); "
+            f"use latent_rule='resize' with a size that is, or render at a multiple of {multiple}"
+        )
+    return rgb.clamp(0, 1) * 2.0 - 1.0

@@ -1,0 +1,90 @@
+"""The small velocity-model protocol every algorithm runs on (docs/math.md §3).
+
+A *condition* is a dict of tensors whose first dimension is the batch, e.g. SD3's
+``{"prompt_embeds": [B,333,4096], "pooled_prompt_embeds": [B,2048]}``.  Classifier-free
+guidance needs a conditional and an unconditional one of the same structure.
+"""
+from __future__ import annotations
+
+from typing import Dict, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .flow import FlowConvention
+
+Cond = Dict[str, Tensor]
+
+
+@runtime_checkable
+class VelocityModel(Protocol):
+    """Anything that predicts v_t = dx_t/dt (the project's notation) at noise level t [B]."""
+
+    convention: FlowConvention
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor: ...
+
+
+@runtime_checkable
+class LatentBackend(VelocityModel, Protocol):
+    """A velocity model with a differentiable image codec (the diffusers backends)."""
+
+    latent_channels: int
+
+    def encode(self, rgb: Tensor) -> Tensor: ...  # B×3×H×W in [0, 1] → latents
+
+    def decode(self, latents: Tensor) -> Tensor: ...  # latents → B×3×H×W in [0, 1]
+
+
+def cat_cond(*conds: Cond) -> Cond:
+    """Stack conditions along the batch: the keys must agree."""
+    keys = set(conds[0])
+    for c in conds[1:]:
+        if set(c) != keys:
+            raise ValueError(f"conditions have different keys: {sorted(keys)} vs {sorted(c)}")
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_batch_size(cond: Cond) -> int:
+    sizes = {int(v.shape[0]) for v in cond.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"condition tensors disagree on batch size: { {k: tuple(v.shape) for k, v in cond.items()} }")
+    return sizes.pop()
+
+
+def expand_cond(cond: Cond, batch_size: int) -> Cond:
+    """Broadcast a batch-1 condition to ``batch_size`` (or check that the sizes agree)."""
+    n = cond_batch_size(cond)
+    if n == batch_size:
+        return cond
+    if n == 1:
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in cond.items()}
+    raise ValueError(f"condition batch size {n} does not match the latent batch size {batch_size}")
+
+
+def cfg_velocity(
+    model: VelocityModel,
+    x_t: Tensor,
+    t: Tensor,
+    cond: Cond,
+    uncond: Cond,
+    guidance_scale: float,
+    *,
+    batched: bool = True,
+) -> Tensor:
+    """v̂_cfg = v(x_t, ∅) + w·(v(x_t, c) − v(x_t, ∅))  (diffusers' definition of the scale w).
+
+    ``batched`` runs cond and uncond in one call of batch 2B; otherwise two calls (less memory).
+    ``guidance_scale == 1`` skips the unconditional pass.
+    """
+    b = x_t.shape[0]
+    cond, uncond = expand_cond(cond, b), expand_cond(uncond, b)
+    if guidance_scale == 1.0:
+        return model.velocity(x_t, t, cond)
+    if batched:
+        v = model.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond, uncond))
+        v_c, v_u = v.chunk(2)
+    else:
+        v_c = model.velocity(x_t, t, cond)
+        v_u = model.velocity(x_t, t, uncond)
+    return v_u + guidance_scale * (v_c - v_u)

@@ -1,0 +1,276 @@
+"""RFDS, iRFDS and RFDS-Rev in plain PyTorch (docs/math.md §3–§5).
+
+Notation (flow.py): x_t = a(t)·x0 + b(t)·ε, v = ȧ·x0 + ḃ·ε = ε − x0, v̂ the model's
+(CFG) velocity.  Every function takes a :class:`~threestudio_rfds.protocol.VelocityModel`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Literal, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import flow
+from .checks import check_batch, check_choice, check_finite, check_range, check_time
+from .protocol import Cond, VelocityModel, cfg_velocity, expand_cond
+
+Weighting = Literal["none", "sigmoid", "sds"]
+WEIGHTINGS = ("none", "sigmoid", "sds")
+StepSize = Union[float, Literal["auto"]]
+
+
+def rfds_weighting(kind: Weighting, t: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """w(t) [B] (§3.2).
+
+    ``none``: 1 (InstaFlow reference).  ``sigmoid``: sigmoid(u), u ~ N(0, 1) drawn independently
+    of t, as the SD3 reference (SD3 training's logit-normal density, applied as a weight).
+    ``sds``: a(t)·b(t)²/(a(t)² + b(t)²), SDS's w = 1 − ᾱ at equal SNR expressed on v − v̂.
+    """
+    check_choice("weighting", kind, WEIGHTINGS)
+    if kind == "none":
+        return torch.ones_like(t)
+    if kind == "sigmoid":
+        gen_device = generator.device if generator is not None else t.device
+        u = torch.randn(t.shape, generator=generator, device=gen_device, dtype=t.dtype).to(t.device)
+        return torch.sigmoid(u)
+    a, b = flow.alpha(t), flow.beta(t)
+    return a * b**2 / (a**2 + b**2)
+
+
+def replace_nonfinite(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x with NaN/±inf replaced by 0, the number replaced as a 0-d tensor — no host sync)."""
+    bad = ~torch.isfinite(x)
+    return torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x), bad.sum()
+
+
+def clip_grad(g: Tensor, grad_clip: Optional[float]) -> Tensor:
+    """Element-wise clamp to [−c, c] (threestudio's ``grad_clip``); None disables it."""
+    if grad_clip is None:
+        return g
+    if grad_clip <= 0:
+        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+    return g.clamp(-grad_clip, grad_clip)
+
+
+def reparameterised_loss(x: Tensor, g: Tensor) -> Tensor:
+    """L = mean_b mean_i (x − sg(x − g))², so ∂L/∂x = 2·g / (numel per sample · B).
+
+    Its value is mean(g²); for w = 1 this is the reference's mse(v, v̂)."""
+    per_sample = (x - (x - g).detach()).pow(2).flatten(1).mean(1)
+    return per_sample.mean()
+
+
+@dataclass
+class RFDSOutput:
+    """One distillation step: ``loss`` backpropagates to x0; the rest is detached."""
+
+    loss: Tensor
+    grad: Tensor  # g = w·(v̂ − v), clipped: x0 moves along −g
+    t: Tensor  # [B] noise levels
+    eps: Tensor  # the noise used (refined by iRFDS for RFDS-Rev)
+    x_t: Tensor
+    v_pred: Tensor  # v̂ (with CFG)
+    weights: Tensor  # [B]
+    num_nonfinite: Tensor  # 0-d count of replaced NaN/inf in v̂
+
+    def logs(self) -> Dict[str, Tensor]:
+        """Scalar tensors for logging (safe for ``self.log`` in Lightning)."""
+        return {
+            "loss": self.loss.detach(),
+            "grad_norm": self.grad.norm(),
+            "t_min": self.t.min(),
+            "t_max": self.t.max(),
+            "t_mean": self.t.mean(),
+            "num_nonfinite": self.num_nonfinite.float(),
+        }
+
+
+def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor]) -> None:
+    if x0.ndim < 2:
+        raise ValueError(f"x0 must be batched with shape [B, ...], got shape {tuple(x0.shape)}")
+    check_finite("x0", x0)
+    if t is not None:
+        check_time("t", t)
+        if t.ndim != 1:
+            raise ValueError(f"t must have shape [B], got {tuple(t.shape)}")
+        check_batch(("x0", "t"), x0, t)
+    if eps is not None:
+        if eps.shape != x0.shape:
+            raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
+        check_finite("eps", eps)
+
+
+def _draw(model: VelocityModel, x0: Tensor, t, eps, min_step_percent, max_step_percent, generator):
+    if t is None:
+        check_range("min_step_percent", min_step_percent, 0.0, 1.0)
+        check_range("max_step_percent", max_step_percent, 0.0, 1.0)
+        if min_step_percent > max_step_percent:
+            raise ValueError(f"min_step_percent ({min_step_percent}) must be <= max_step_percent ({max_step_percent})")
+        t = model.convention.sample_time(
+            x0.shape[0], min_step_percent, max_step_percent, device=x0.device, generator=generator
+        )
+    if eps is None:
+        gen_device = generator.device if generator is not None else x0.device
+        eps = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    return t.to(device=x0.device, dtype=torch.float32), eps
+
+
+def rfds_from_noise(
+    model: VelocityModel,
+    x0: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    cond: Cond,
+    uncond: Cond,
+    guidance_scale: float,
+    *,
+    weighting: Weighting = "none",
+    grad_clip: Optional[float] = None,
+    cfg_batched: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> RFDSOutput:
+    """RFDS for given (t, ε) (§3.1): g = w(t)·(v̂_cfg(x_t) − v(x0, ε)), up to −ȧ = 1."""
+    with torch.no_grad():
+        x0_ = x0.detach()
+        x_t = flow.interpolate(x0_, eps, t)
+        v_pred, n_bad = replace_nonfinite(cfg_velocity(model, x_t, t, cond, uncond, guidance_scale, batched=cfg_batched))
+        w = rfds_weighting(weighting, t, generator)
+        g = flow.append_dims(w, x0.ndim).to(x0.dtype) * (v_pred.to(x0.dtype) - flow.velocity_target(x0_, eps))
+        g = clip_grad(g, grad_clip)
+    return RFDSOutput(reparameterised_loss(x0, g), g, t, eps, x_t, v_pred, w, n_bad)
+
+
+def rfds(
+    model: VelocityModel,
+    x0: Tensor,
+    cond: Cond,
+    uncond: Cond,
+    guidance_scale: float,
+    *,
+    min_step_percent: float = 0.02,
+    max_step_percent: float = 0.98,
+    t: Optional[Tensor] = None,
+    eps: Optional[Tensor] = None,
+    weighting: Weighting = "none",
+    grad_clip: Optional[float] = None,
+    cfg_batched: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> RFDSOutput:
+    """Rectified-flow score distillation: draw t and ε, return the RFDS loss on x0 (§3)."""
+    _check_inputs(x0, t, eps)
+    t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
+    return rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
+                           grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
+
+
+# ---------------------------------------------------------------- iRFDS (§4)
+def inner_step_size(step_size: StepSize, t: Tensor) -> Tensor:
+    """η [B]: a number, or ``"auto"`` = a(t) = 1 − t, for which one update gives ε̂ exactly."""
+    if step_size == "auto":
+        return flow.alpha(t)
+    if not isinstance(step_size, (int, float)) or step_size <= 0:
+        raise ValueError(f"inner_step_size must be 'auto' or a number > 0, got {step_size!r}")
+    return torch.full_like(t, float(step_size))
+
+
+@torch.no_grad()
+def irfds_update(
+    model: VelocityModel,
+    x0: Tensor,
+    eps: Tensor,
+    t: Tensor,
+    cond: Cond,
+    step_size: StepSize = "auto",
+    guidance_scale: float = 1.0,
+    uncond: Optional[Cond] = None,
+) -> Tensor:
+    """One iRFDS step on the noise (§4.1): ε' = ε + η·ḃ·(v̂(x_t) − v(x0, ε)).
+
+    With η = a(t) this is x_t + a(t)·v̂ = ε̂(x_t), one Euler step of the flow from t to 1.
+    The reference SD3 update ε' = ε + (1 − σ)(v̂ + x0 − ε) is this with η = 1 − σ.
+    """
+    x_t = flow.interpolate(x0, eps, t)
+    if guidance_scale == 1.0 or uncond is None:
+        v = model.velocity(x_t, t, expand_cond(cond, x0.shape[0]))
+    else:
+        v = cfg_velocity(model, x_t, t, cond, uncond, guidance_scale)
+    v, _ = replace_nonfinite(v.to(eps.dtype))
+    eta = flow.append_dims(inner_step_size(step_size, t), eps.ndim).to(eps.dtype)
+    return eps + eta * flow.append_dims(flow.beta_dot(t), eps.ndim).to(eps.dtype) * (v - flow.velocity_target(x0, eps))
+
+
+def noise_regulariser(eps: Tensor) -> Tensor:
+    """R(ε) = mean(ε)² + (var(ε) − 1)², the reference's MeanVarianceLoss (§4.2)."""
+    return eps.mean().pow(2) + (eps.var() - 1.0).pow(2)
+
+
+def irfds_loss(
+    model: VelocityModel,
+    x0: Tensor,
+    eps: Tensor,
+    cond: Cond,
+    *,
+    uncond: Optional[Cond] = None,
+    guidance_scale: float = 1.0,
+    min_step_percent: float = 0.02,
+    max_step_percent: float = 0.98,
+    t: Optional[Tensor] = None,
+    reg_weight: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> RFDSOutput:
+    """iRFDS objective for a learnable noise ε at fixed x0 (§4.2).
+
+    ∂L/∂ε ∝ −ḃ·(v̂(x_t) − v(x0, ε)) plus ``reg_weight``·∂R/∂ε; minimising it with any optimiser
+    finds the noise that the flow carries to x0.
+    """
+    _check_inputs(x0, t, None)
+    if eps.shape != x0.shape:
+        raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
+    t, _ = _draw(model, x0, t, eps.detach(), min_step_percent, max_step_percent, generator)
+    with torch.no_grad():
+        e = eps.detach()
+        x_t = flow.interpolate(x0, e, t)
+        if guidance_scale == 1.0 or uncond is None:
+            v_pred = model.velocity(x_t, t, expand_cond(cond, x0.shape[0]))
+        else:
+            v_pred = cfg_velocity(model, x_t, t, cond, uncond, guidance_scale)
+        v_pred, n_bad = replace_nonfinite(v_pred.to(e.dtype))
+        g = -flow.append_dims(flow.beta_dot(t), e.ndim).to(e.dtype) * (v_pred - flow.velocity_target(x0, e))
+    loss = reparameterised_loss(eps, g) + reg_weight * noise_regulariser(eps)
+    return RFDSOutput(loss, g, t, e, x_t, v_pred, torch.ones_like(t), n_bad)
+
+
+# ---------------------------------------------------------------- RFDS-Rev (§5)
+def rfds_rev(
+    model: VelocityModel,
+    x0: Tensor,
+    cond: Cond,
+    uncond: Cond,
+    guidance_scale: float,
+    *,
+    n_inner: int = 1,
+    inner_step: StepSize = "auto",
+    min_step_percent: float = 0.02,
+    max_step_percent: float = 0.98,
+    t: Optional[Tensor] = None,
+    eps: Optional[Tensor] = None,
+    weighting: Weighting = "none",
+    grad_clip: Optional[float] = None,
+    cfg_batched: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> RFDSOutput:
+    """RFDS-Rev (§5): refine ε by ``n_inner`` iRFDS updates with the conditional velocity
+    (no CFG), then take the RFDS step at the same t with the refined noise."""
+    if not isinstance(n_inner, int) or n_inner < 0:
+        raise ValueError(f"n_inner must be an integer >= 0, got {n_inner!r}")
+    _check_inputs(x0, t, eps)
+    t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
+    x0_ = x0.detach()
+    for _ in range(n_inner):
+        eps = irfds_update(model, x0_, eps, t, cond, inner_step)
+    return rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
+                           grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
+
+
+ALGORITHMS = ("rfds", "rfds-rev")
