@@ -1,0 +1,213 @@
+"""InstaFlow (2-rectified flow distilled from SD1.5) as a :class:`~threestudio_rfds.protocol.LatentBackend`.
+
+The UNet is fed ``timestep = 1000·t`` and predicts x0 − ε = −v_t (flow.instaflow_convention);
+``time_convention="reference"`` reproduces the paper's code, which labels a latent of noise level
+t with the timestep of 1 − t (docs/backends.md).  Latents are SD1.5's: 4 channels, VAE × 0.18215.
+"""
+from __future__ import annotations
+
+import gc
+from types import SimpleNamespace
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import flow
+from ..checks import check_choice, check_shape
+from ..protocol import Cond, cfg_velocity, expand_cond
+from .base import load_component, prepare_rgb, resolve_device, resolve_dtype
+
+DEFAULT_MODEL = "XCLIU/2_rectified_flow_from_sd_1_5"
+REFERENCE_DELTA = {"base": "runwayml/stable-diffusion-v1-5", "finetuned": "Lykon/absolute-reality-1.81"}
+LATENT_CHANNELS = 4
+
+
+def unet_delta_state(base: torch.nn.Module, finetuned: torch.nn.Module) -> Dict[str, Tensor]:
+    """dW = W_finetuned − W_base for every parameter and buffer (the two must share keys and shapes)."""
+    sb, sf = base.state_dict(), finetuned.state_dict()
+    if set(sb) != set(sf):
+        diff = sorted(set(sb) ^ set(sf))[:5]
+        raise ValueError(f"unet_delta: base and finetuned UNets have different weights, e.g. {diff}")
+    delta = {}
+    for k, w in sf.items():
+        if w.shape != sb[k].shape:
+            raise ValueError(f"unet_delta: weight {k!r} has shape {tuple(w.shape)} vs base {tuple(sb[k].shape)}")
+        delta[k] = w.float() - sb[k].float()
+    return delta
+
+
+@torch.no_grad()
+def merge_unet_delta(unet: torch.nn.Module, delta: Dict[str, Tensor], alpha: float = 1.0) -> torch.nn.Module:
+    """W ← W + α·dW in place (the reference's transfer of an SD1.5 fine-tune onto InstaFlow)."""
+    state = unet.state_dict()
+    missing = sorted(set(delta) - set(state))
+    if missing:
+        raise ValueError(f"unet_delta: the InstaFlow UNet has no weights {missing[:5]}")
+    for k, d in delta.items():
+        if state[k].shape != d.shape:
+            raise ValueError(f"unet_delta: weight {k!r} has shape {tuple(d.shape)} vs InstaFlow {tuple(state[k].shape)}")
+        state[k].copy_((state[k].float() + alpha * d.to(state[k].device)).to(state[k].dtype))
+    return unet
+
+
+def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    module.to(device)
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)
+    module.eval().requires_grad_(False)
+    return module
+
+
+class InstaFlowBackend:
+    """UNet + VAE of InstaFlow; ``velocity`` in the project's notation (v = ε − x0).
+
+    Condition: ``{"encoder_hidden_states": [B, 77, D]}`` (CLIP ViT-L last hidden state, D = 768),
+    see :func:`threestudio_rfds.text.clip.encode_clip_prompts`.
+    """
+
+    latent_channels = LATENT_CHANNELS
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = DEFAULT_MODEL,
+        *,
+        device: Union[str, torch.device] = "auto",
+        dtype: Union[str, torch.dtype] = "auto",
+        time_convention: str = "model",
+        latent_rule: str = "resize",
+        latent_size: Tuple[int, int] = (512, 512),
+        local_files_only: Optional[bool] = None,
+        revision: Optional[str] = None,
+        unet_delta: Optional[dict] = None,
+        vae_path: Optional[str] = None,
+        vae_subfolder: Optional[str] = "vae",
+    ):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        kw = {"revision": revision}
+        if local_files_only is not None:
+            kw["local_files_only"] = local_files_only
+        path = pretrained_model_name_or_path
+        # the delta is added in fp32, then the merged UNet is cast to dt
+        unet = load_component(UNet2DConditionModel, path, "unet", torch_dtype=torch.float32 if unet_delta else dt, **kw)
+        if unet_delta:
+            merge_unet_delta(unet, *self._load_delta(unet_delta, local_files_only))
+        vae = load_component(AutoencoderKL, vae_path or path, vae_subfolder if vae_path else "vae", torch_dtype=dt, **kw)
+        self._setup(unet, vae, dev, dt, time_convention, latent_rule, latent_size, name=path)
+
+    @classmethod
+    def from_modules(
+        cls,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        *,
+        time_convention: str = "model",
+        latent_rule: str = "resize",
+        latent_size: Tuple[int, int] = (512, 512),
+        name: str = "modules",
+    ) -> "InstaFlowBackend":
+        """Wrap already-built modules (benchmarks, tests); device and dtype are the UNet's."""
+        self = cls.__new__(cls)
+        p = next(unet.parameters())
+        self._setup(unet, vae, p.device, p.dtype, time_convention, latent_rule, latent_size, name=name)
+        return self
+
+    @staticmethod
+    def _load_delta(spec: dict, local_files_only: Optional[bool]):
+        from diffusers import UNet2DConditionModel
+
+        if not isinstance(spec, dict) or not {"base", "finetuned"} <= set(spec) or set(spec) - {"base", "finetuned", "alpha"}:
+            raise ValueError(
+                "unet_delta must be a dict with keys 'base' and 'finetuned' (and optional 'alpha'), "
+                f"e.g. {REFERENCE_DELTA}; got {spec!r}"
+            )
+        kw = {"torch_dtype": torch.float32}
+        if local_files_only is not None:
+            kw["local_files_only"] = local_files_only
+        base = load_component(UNet2DConditionModel, spec["base"], "unet", **kw)
+        fine = load_component(UNet2DConditionModel, spec["finetuned"], "unet", **kw)
+        delta = unet_delta_state(base, fine)
+        del base, fine
+        gc.collect()
+        return delta, float(spec.get("alpha", 1.0))
+
+    def _setup(self, unet, vae, device, dtype, time_convention, latent_rule, latent_size, name) -> None:
+        check_choice("latent_rule", latent_rule, ("native", "resize"))
+        for what, n in (("UNet in_channels", unet.config.in_channels), ("VAE latent_channels", vae.config.latent_channels)):
+            if n != LATENT_CHANNELS:
+                raise ValueError(f"{name}: {what} is {n}, InstaFlow/SD1.5 latents have {LATENT_CHANNELS} channels")
+        self.name, self.device, self.dtype = name, torch.device(device), dtype
+        self.unet, self.vae = _freeze(unet, self.device, dtype), _freeze(vae, self.device, dtype)
+        self.convention = flow.instaflow_convention(time_convention)
+        self.time_convention, self.latent_rule = time_convention, latent_rule
+        self.latent_size = tuple(latent_size)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.cross_attention_dim = int(unet.config.cross_attention_dim)
+
+    # ------------------------------------------------------------------ velocity
+    def _unet_velocity(self, x_t: Tensor, t: Tensor, cond: Cond, convention: flow.FlowConvention) -> Tensor:
+        check_shape("x_t", x_t, ndim=4, channels=LATENT_CHANNELS)
+        if "encoder_hidden_states" not in cond:
+            raise ValueError(f"InstaFlow cond needs key 'encoder_hidden_states' [B, 77, D], got keys {sorted(cond)}")
+        ehs = expand_cond(cond, x_t.shape[0])["encoder_hidden_states"]
+        if ehs.ndim != 3 or ehs.shape[-1] != self.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must be [B, L, {self.cross_attention_dim}], got {tuple(ehs.shape)}"
+            )
+        timestep = convention.model_timestep(t.to(self.device, torch.float32))
+        out = self.unet(x_t.to(self.device, self.dtype), timestep,
+                        encoder_hidden_states=ehs.to(self.device, self.dtype)).sample
+        return convention.to_velocity(out).to(x_t.dtype)
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """v_t = −UNet(x_t, convention.model_timestep(t), c)  (InstaFlow predicts x0 − ε)."""
+        return self._unet_velocity(x_t, t, cond, self.convention)
+
+    # ------------------------------------------------------------------ codec
+    def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """z = 0.18215 · sample(VAE.enc(2·rgb − 1)), differentiable wrt rgb [B,3,H,W] in [0,1]."""
+        x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor)
+        posterior = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
+        return (posterior.sample(generator) * self.scaling_factor).to(rgb.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """rgb = (VAE.dec(z / 0.18215) + 1) / 2 clamped to [0, 1]."""
+        check_shape("latents", latents, ndim=4, channels=LATENT_CHANNELS)
+        image = self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample
+        return (image.float() * 0.5 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Cond,
+        uncond: Optional[Cond] = None,
+        *,
+        guidance_scale: float = 1.0,
+        num_steps: int = 1,
+        latents: Optional[Tensor] = None,
+        height: int = 512,
+        width: int = 512,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Euler sampling of the InstaFlow pipeline: for i < N, T_i = 1000·(1 − i/N),
+        x ← x + (1/N)·û with û = u_∅ + w·(u_c − u_∅) the network's (x0 − ε) output, i.e.
+        :func:`flow.euler_sample` on t = 1 → 0 with the model's own time convention (also when
+        this backend uses the "reference" convention).  CFG only when ``uncond`` is given and w > 1,
+        as the pipeline.  Returns latents [B,4,H/8,W/8]."""
+        if latents is None:
+            b = next(iter(cond.values())).shape[0]
+            shape = (b, LATENT_CHANNELS, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            latents = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
+        latents = latents.to(self.device, torch.float32)
+        conv = flow.instaflow_convention("model")
+        model = SimpleNamespace(convention=conv, velocity=lambda x, t, c: self._unet_velocity(x, t, c, conv))
+        if uncond is not None and guidance_scale > 1.0:
+            velocity = lambda x, t: cfg_velocity(model, x, t, cond, uncond, guidance_scale)  # noqa: E731
+        else:
+            velocity = lambda x, t: model.velocity(x, t, expand_cond(cond, x.shape[0]))  # noqa: E731
+        return flow.euler_sample(velocity, latents, flow.time_grid(num_steps, device=self.device))

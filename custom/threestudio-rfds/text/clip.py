@@ -1,0 +1,55 @@
+"""CLIP prompt embeddings for InstaFlow / SD1.5: the text encoder's last hidden state over
+prompts padded to the tokenizer's 77 tokens (StableDiffusionPipeline.encode_prompt, clip_skip=None)."""
+from __future__ import annotations
+
+import gc
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..backends.base import load_component, resolve_device, resolve_dtype
+
+
+def _check_prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+    return prompts
+
+
+@torch.no_grad()
+def encode_clip_prompts(
+    pretrained_model_name_or_path: str,
+    prompts: Union[str, Sequence[str]],
+    *,
+    device: Union[str, torch.device, None] = "auto",
+    dtype: Union[str, torch.dtype, None] = "auto",
+    local_files_only: Optional[bool] = None,
+    revision: Optional[str] = None,
+) -> Dict[str, Tensor]:
+    """{"encoder_hidden_states": [N, 77, D]} for N prompts ("" gives the unconditional embedding).
+
+    Loads the ``tokenizer`` and ``text_encoder`` subfolders and releases them before returning.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    prompts = _check_prompts(prompts)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    kw = {"revision": revision}
+    if local_files_only is not None:
+        kw["local_files_only"] = local_files_only
+    path = pretrained_model_name_or_path
+    tokenizer = load_component(CLIPTokenizer, path, "tokenizer", **kw)
+    text_encoder = load_component(CLIPTextModel, path, "text_encoder", torch_dtype=dt, **kw).to(dev).eval()
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    hidden = text_encoder(ids.to(dev))[0]
+    del text_encoder, tokenizer
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"encoder_hidden_states": hidden}
