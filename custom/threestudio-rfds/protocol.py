@@ -37,7 +37,7 @@ class LatentBackend(VelocityModel, Protocol):
 
 
 def cat_cond(*conds: Cond) -> Cond:
-    """Stack conditions along the batch: the keys must agree."""
+    """Stack conditions along the batch: the keys must agree (empty conditions stay empty)."""
     keys = set(conds[0])
     for c in conds[1:]:
         if set(c) != keys:
@@ -53,7 +53,11 @@ def cond_batch_size(cond: Cond) -> int:
 
 
 def expand_cond(cond: Cond, batch_size: int) -> Cond:
-    """Broadcast a batch-1 condition to ``batch_size`` (or check that the sizes agree)."""
+    """Broadcast a batch-1 condition to ``batch_size`` (or check that the sizes agree).
+
+    An empty condition (an unconditional model) is returned as is."""
+    if not cond:
+        return cond
     n = cond_batch_size(cond)
     if n == batch_size:
         return cond
