@@ -7,12 +7,12 @@ built from a byte-level CLIP vocabulary and a small T5 unigram vocabulary writte
 
 Sizes (a few MB, built in about a second):
   * transformer: SD3Transformer2DModel, patch 2, 2 layers, 2 heads × 8, 16 latent channels,
-    joint_attention_dim = T5 d_model = 32, pooled_projection_dim = 16 + 24 = 40,
+    joint_attention_dim = T5 d_model = 48, pooled_projection_dim = 16 + 24 = 40,
     pos_embed_max_size 32 (latents up to 64×64).
   * vae: AutoencoderKL with 2 blocks → **downsampling factor 2** (the real SD3 VAE has 8),
     16 latent channels, shift_factor 0.0609, scaling_factor 1.5305, no quant convs (as SD3).
   * text_encoder / text_encoder_2: CLIPTextModelWithProjection, hidden = projection = 16 / 24.
-  * text_encoder_3: T5EncoderModel, d_model 32.
+  * text_encoder_3: T5EncoderModel, d_model 48 (> 16 + 24, so CLIP states are zero-padded as in SD3).
   * scheduler: FlowMatchEulerDiscreteScheduler(shift=3.0).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import torch
 
 VAE_SCALE_FACTOR = 2  # 2 ** (len(block_out_channels) - 1)
-T5_DIM = 32
+T5_DIM = 48
 CLIP_DIMS = (16, 24)
 
 
