@@ -41,11 +41,12 @@ def tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=SEQ_LEN)
 
 
-def tiny_unet(seed: int = 0, cross_attention_dim: int = HIDDEN):
+def tiny_unet(seed: int = 0, **overrides):
+    """SD1.5's UNet layout, two blocks of 32/64 channels (overrides: any config entry)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    config = dict(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -53,10 +54,12 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = HIDDEN):
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
+        cross_attention_dim=HIDDEN,
         attention_head_dim=8,
         norm_num_groups=32,
-    ).eval()
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
 
 
 def tiny_vae(seed: int = 0):

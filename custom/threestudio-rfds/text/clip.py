@@ -11,6 +11,20 @@ from torch import Tensor
 from ..backends.base import load_component, resolve_device, resolve_dtype
 
 
+def _load_tokenizer(path: str, **kwargs):
+    """CLIPTokenizer.from_pretrained, but an OSError instead of the empty 2-token tokenizer that
+    transformers 5 returns when the vocabulary files are missing."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(path, **kwargs)
+    if len(tokenizer) <= len(tokenizer.all_special_tokens) or tokenizer.model_max_length > 100_000:
+        raise OSError("no tokenizer vocabulary found (vocab.json/merges.txt or tokenizer.json)")
+    return tokenizer
+
+
+_StrictCLIPTokenizer = type("CLIPTokenizer", (), {"from_pretrained": staticmethod(_load_tokenizer)})
+
+
 def _check_prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -34,7 +48,7 @@ def encode_clip_prompts(
 
     Loads the ``tokenizer`` and ``text_encoder`` subfolders and releases them before returning.
     """
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     prompts = _check_prompts(prompts)
     dev = resolve_device(device)
@@ -43,7 +57,7 @@ def encode_clip_prompts(
     if local_files_only is not None:
         kw["local_files_only"] = local_files_only
     path = pretrained_model_name_or_path
-    tokenizer = load_component(CLIPTokenizer, path, "tokenizer", **kw)
+    tokenizer = load_component(_StrictCLIPTokenizer, path, "tokenizer", **kw)
     text_encoder = load_component(CLIPTextModel, path, "text_encoder", torch_dtype=dt, **kw).to(dev).eval()
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
