@@ -106,10 +106,10 @@ def test_sampler_matches_instaflow_loop(backend, conds, pipe, n):
     with torch.no_grad():
         expected = _reference_sampler(pipe.unet, noise, c["encoder_hidden_states"].expand(2, -1, -1),
                                       u["encoder_hidden_states"].expand(2, -1, -1), 4.0, n)
-    got = backend.sample(c, u, guidance_scale=4.0, num_steps=n, latents=noise)
+    got = backend.sample(c, u, guidance_scale=4.0, num_inference_steps=n, latents=noise)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     # without guidance: conditional velocity only
-    got1 = backend.sample(c, num_steps=1, latents=noise)
+    got1 = backend.sample(c, num_inference_steps=1, latents=noise)
     with torch.no_grad():
         exp1 = noise + pipe.unet(noise, torch.full((2,), 1000.0), encoder_hidden_states=c["encoder_hidden_states"].expand(2, -1, -1)).sample
     torch.testing.assert_close(got1, exp1, rtol=1e-4, atol=1e-5)
@@ -124,10 +124,10 @@ def test_encode_resize_rule_and_non_square(backend, tiny_instaflow_path):
         ref = backend.vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0)) * 0.18215
     torch.testing.assert_close(z.detach(), ref)
     wide = InstaFlowBackend(tiny_instaflow_path, device="cpu", dtype="fp32", latent_size=(48, 80))
-    assert wide.encode(rgb).shape == (2, 4, 6, 10)
+    assert wide.encode(rgb).shape == (2, 4, 6, 10) and wide.latent_shape(40, 56) == (6, 10)
     native = InstaFlowBackend(tiny_instaflow_path, device="cpu", dtype="fp32", latent_rule="native")
     zn = native.encode(torch.rand(1, 3, 48, 64))
-    assert zn.shape == (1, 4, 6, 8)
+    assert zn.shape == (1, 4, 6, 8) == (1, 4, *native.latent_shape(48, 64))
     with torch.no_grad():
         assert native.velocity(zn, torch.tensor([0.5]), {"encoder_hidden_states": torch.randn(1, 77, 32)}).shape == zn.shape
         assert native.decode(zn).shape == (1, 3, 48, 64)
@@ -137,9 +137,13 @@ def test_encode_resize_rule_and_non_square(backend, tiny_instaflow_path):
         InstaFlowBackend(tiny_instaflow_path, device="cpu", latent_rule="crop")
 
 
-def test_decode_range(backend):
-    rgb = backend.decode(torch.randn(1, 4, 8, 8))
+def test_decode_range_and_default_sample_size(backend, conds):
+    z = backend.sample(conds[0], generator=torch.Generator().manual_seed(0))
+    assert z.shape == (1, 4, 8, 8)  # unet sample_size 8 (64 for the real model → 512 px)
+    rgb = backend.decode(z)
     assert rgb.shape == (1, 3, 64, 64) and rgb.min() >= 0 and rgb.max() <= 1
+    with pytest.raises(ValueError, match="multiples of the VAE factor 8"):
+        backend.sample(conds[0], height=60, width=64)
 
 
 @pytest.mark.parametrize("algo", ["rfds", "rfds-rev"])

@@ -138,8 +138,8 @@ class InstaFlowBackend:
         check_choice("latent_rule", latent_rule, ("native", "resize"))
         for what, n in (("UNet in_channels", unet.config.in_channels), ("VAE latent_channels", vae.config.latent_channels)):
             if n != LATENT_CHANNELS:
-                raise ValueError(f"{name}: {what} is {n}, InstaFlow/SD1.5 latents have {LATENT_CHANNELS} channels")
-        self.name, self.device, self.dtype = name, torch.device(device), dtype
+                raise ValueError(f"{name!r}: {what} is {n}, InstaFlow/SD1.5 latents have {LATENT_CHANNELS} channels")
+        self.model_id, self.device, self.dtype = name, torch.device(device), dtype
         self.unet, self.vae = _freeze(unet, self.device, dtype), _freeze(vae, self.device, dtype)
         self.convention = flow.instaflow_convention(time_convention)
         self.time_convention, self.latent_rule = time_convention, latent_rule
@@ -168,6 +168,12 @@ class InstaFlowBackend:
         return self._unet_velocity(x_t, t, cond, self.convention)
 
     # ------------------------------------------------------------------ codec
+    def latent_shape(self, height: int, width: int) -> Tuple[int, int]:
+        """Latent (h, w) of a render of the given size under the latent rule."""
+        if self.latent_rule == "resize":
+            height, width = self.latent_size
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
     def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """z = 0.18215 · sample(VAE.enc(2·rgb − 1)), differentiable wrt rgb [B,3,H,W] in [0,1]."""
         x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor)
@@ -186,28 +192,34 @@ class InstaFlowBackend:
         self,
         cond: Cond,
         uncond: Optional[Cond] = None,
-        *,
         guidance_scale: float = 1.0,
-        num_steps: int = 1,
+        num_inference_steps: int = 1,
+        *,
         latents: Optional[Tensor] = None,
-        height: int = 512,
-        width: int = 512,
         generator: Optional[torch.Generator] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        batch_size: Optional[int] = None,
     ) -> Tensor:
         """Euler sampling of the InstaFlow pipeline: for i < N, T_i = 1000·(1 − i/N),
         x ← x + (1/N)·û with û = u_∅ + w·(u_c − u_∅) the network's (x0 − ε) output, i.e.
         :func:`flow.euler_sample` on t = 1 → 0 with the model's own time convention (also when
         this backend uses the "reference" convention).  CFG only when ``uncond`` is given and w > 1,
-        as the pipeline.  Returns latents [B,4,H/8,W/8]."""
+        as the pipeline.  Returns latents [B, 4, H/8, W/8] (``output_type="latent"``)."""
         if latents is None:
-            b = next(iter(cond.values())).shape[0]
-            shape = (b, LATENT_CHANNELS, height // self.vae_scale_factor, width // self.vae_scale_factor)
-            latents = torch.randn(shape, generator=generator, device=generator.device if generator else self.device)
+            n = batch_size or int(cond["encoder_hidden_states"].shape[0])
+            f = self.vae_scale_factor
+            h = height or self.unet.config.sample_size * f
+            w = width or self.unet.config.sample_size * f
+            if h % f or w % f:
+                raise ValueError(f"height x width {h}x{w} must be multiples of the VAE factor {f}")
+            gen_device = generator.device if generator is not None else self.device
+            latents = torch.randn((n, LATENT_CHANNELS, h // f, w // f), generator=generator, device=gen_device)
         latents = latents.to(self.device, torch.float32)
         conv = flow.instaflow_convention("model")
         model = SimpleNamespace(convention=conv, velocity=lambda x, t, c: self._unet_velocity(x, t, c, conv))
         if uncond is not None and guidance_scale > 1.0:
             velocity = lambda x, t: cfg_velocity(model, x, t, cond, uncond, guidance_scale)  # noqa: E731
         else:
-            velocity = lambda x, t: model.velocity(x, t, expand_cond(cond, x.shape[0]))  # noqa: E731
-        return flow.euler_sample(velocity, latents, flow.time_grid(num_steps, device=self.device))
+            velocity = lambda x, t: model.velocity(x, t, cond)  # noqa: E731
+        return flow.euler_sample(velocity, latents, flow.time_grid(num_inference_steps, device=self.device))
