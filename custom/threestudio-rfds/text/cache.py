@@ -1,0 +1,135 @@
+"""On-disk cache of prompt embeddings: one safetensors file per (model, prompt, options, dtype).
+
+    key  = sha256(json(spec + prompt))            → <cache_dir>/<key>.safetensors
+    file = tensors of one prompt + metadata {"spec": json, "sha256": digest of the tensor bytes}
+
+Writes go to a temporary file in the same directory and are published with ``os.replace``
+(atomic), so a reader never sees a half-written file.  A truncated or corrupt file (unreadable,
+wrong spec, checksum mismatch) counts as a miss and is recomputed.  Computing the misses holds
+a directory-wide ``filelock``, so concurrent runs sharing a directory encode each prompt once
+and never load several copies of a large text encoder at the same time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+Embeddings = Dict[str, Tensor]
+LOCK_NAME = ".lock"
+
+
+def cache_key(spec: dict, prompt: str) -> str:
+    """sha256 of the canonical JSON of the spec and the prompt."""
+    blob = json.dumps({"spec": spec, "prompt": prompt}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def tensors_digest(tensors: Embeddings) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes (bf16 included)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str, prefixes=("text_encoder", "tokenizer")) -> Optional[list]:
+    """For a local folder: (file, size, mtime) of its text encoder/tokenizer files, so that a
+    rebuilt model invalidates the cache; None for a hub id (its revision is in the spec)."""
+    if not os.path.isdir(path):
+        return None
+    rows = []
+    for sub in sorted(os.listdir(path)):
+        if sub.startswith(prefixes) and os.path.isdir(os.path.join(path, sub)):
+            for name in sorted(os.listdir(os.path.join(path, sub))):
+                st = os.stat(os.path.join(path, sub, name))
+                rows.append([f"{sub}/{name}", st.st_size, st.st_mtime_ns])
+    return rows
+
+
+class EmbeddingCache:
+    """A directory of per-prompt embedding files (see the module docstring)."""
+
+    def __init__(self, cache_dir: str, lock_timeout: float = 1800.0):
+        self.dir = os.path.abspath(os.path.expanduser(cache_dir))
+        os.makedirs(self.dir, exist_ok=True)
+        self.lock_timeout = lock_timeout
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.dir, key + ".safetensors")
+
+    def load(self, spec: dict, prompt: str) -> Optional[Embeddings]:
+        """The cached tensors, or None if absent, unreadable, for another spec or corrupt."""
+        from safetensors import safe_open
+
+        path = self.path(cache_key(spec, prompt))
+        if not os.path.exists(path):
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception:  # truncated/corrupt file: safetensors raises its own error types
+            return None
+        entry = json.dumps({"spec": spec, "prompt": prompt}, sort_keys=True, default=str)
+        if meta.get("entry") != entry or meta.get("sha256") != tensors_digest(tensors):
+            return None
+        return tensors
+
+    def save(self, spec: dict, prompt: str, tensors: Embeddings) -> str:
+        """Write atomically: temporary file in the cache directory, fsync, os.replace."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"entry": json.dumps({"spec": spec, "prompt": prompt}, sort_keys=True, default=str),
+                "sha256": tensors_digest(tensors)}
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            path = self.path(cache_key(spec, prompt))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return path
+
+    def get_or_compute(
+        self, spec: dict, prompts: List[str], compute: Callable[[List[str]], Embeddings]
+    ) -> Embeddings:
+        """Embeddings [N, ...] for ``prompts``; ``compute(missing)`` encodes the misses in one batch."""
+        from filelock import FileLock, Timeout
+
+        found = {p: self.load(spec, p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, v in found.items() if v is None]
+        if missing:
+            lock = FileLock(os.path.join(self.dir, LOCK_NAME), timeout=self.lock_timeout)
+            try:
+                with lock:
+                    for p in missing:  # another process may have written them meanwhile
+                        found[p] = self.load(spec, p)
+                    missing = [p for p in missing if found[p] is None]
+                    if missing:
+                        batch = compute(missing)
+                        for i, p in enumerate(missing):
+                            row = {k: v[i] for k, v in batch.items()}
+                            self.save(spec, p, row)
+                            found[p] = {k: v.detach().cpu() for k, v in row.items()}
+            except Timeout as e:
+                raise TimeoutError(f"embedding cache {self.dir}: could not take {LOCK_NAME} within "
+                                   f"{self.lock_timeout}s (another run is encoding into this directory)") from e
+        keys = list(found[prompts[0]])
+        return {k: torch.stack([found[p][k] for p in prompts]) for k in keys}
+
+
+__all__ = ["EmbeddingCache", "cache_key", "tensors_digest", "model_fingerprint"]
