@@ -109,6 +109,37 @@ class SD3Backend:
         self.shift_factor = float(self.vae.config.shift_factor or 0.0)
         self.latent_rule, self.latent_size, self.encode_mode = latent_rule, latent_size, encode_mode
 
+    @classmethod
+    def from_modules(
+        cls,
+        transformer: torch.nn.Module,
+        vae: torch.nn.Module,
+        *,
+        shift: float = 3.0,
+        num_train_timesteps: int = 1000,
+        time_convention: str = "model",
+        latent_rule: str = "native",
+        latent_size: Optional[Tuple[int, int]] = None,
+        encode_mode: str = "sample",
+        model_id: str = "modules",
+    ) -> "SD3Backend":
+        """Wrap already-built modules (benchmarks, tests); device and dtype are the transformer's."""
+        check_choice("latent_rule", latent_rule, ("native", "resize"))
+        check_choice("encode_mode", encode_mode, ENCODE_MODES)
+        if transformer.config.in_channels != LATENT_CHANNELS or vae.config.latent_channels != LATENT_CHANNELS:
+            raise ValueError(f"SD3 modules need {LATENT_CHANNELS} latent channels")
+        self = cls.__new__(cls)
+        p = next(transformer.parameters())
+        self.device, self.dtype, self.model_id = p.device, p.dtype, model_id
+        self.num_train_timesteps, self.shift = num_train_timesteps, float(shift)
+        self.convention = flow.sd3_convention(self.shift, time_convention)
+        self.transformer, self.vae = _freeze(transformer, self.device), _freeze(vae, self.device)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.shift_factor or 0.0)
+        self.latent_rule, self.latent_size, self.encode_mode = latent_rule, latent_size, encode_mode
+        return self
+
     # ------------------------------------------------------------------ velocity
     def _check_latents(self, name: str, x: Tensor) -> None:
         check_shape(name, x, ndim=4, channels=LATENT_CHANNELS)
