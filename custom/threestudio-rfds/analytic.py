@@ -156,6 +156,9 @@ class GaussianFlow(GaussianMixtureFlow):
         super().__init__(_as_matrix("mean", mean), _as_matrix("std", std), convention=convention)
         self.rectified = rectified
 
+    def _log_prior(self, cond: Cond, batch: int, device) -> Tensor:
+        return self.weights.log().to(device).expand(batch, -1)  # conditions are ignored
+
     def _posterior(self, x: Tensor, t: Tensor, cond: Cond) -> Tuple[Tensor, Tensor]:
         if not self.rectified:
             m0, me, _ = component_posteriors(x, t, self.means.to(x.device), self.stds.to(x.device))
