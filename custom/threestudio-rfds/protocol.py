@@ -52,7 +52,7 @@ def cond_batch_size(cond: Cond) -> int:
     return sizes.pop()
 
 
-def expand_cond(cond: Cond, batch_size: int) -> Cond:
+def expand_cond(cond: Cond, batch_size: int, name: str = "cond") -> Cond:
     """Broadcast a batch-1 condition to ``batch_size`` (or check that the sizes agree).
 
     An empty condition (an unconditional model) is returned as is."""
@@ -63,7 +63,7 @@ def expand_cond(cond: Cond, batch_size: int) -> Cond:
         return cond
     if n == 1:
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in cond.items()}
-    raise ValueError(f"condition batch size {n} does not match the latent batch size {batch_size}")
+    raise ValueError(f"{name} has batch size {n}; it must be 1 or match the latent batch size {batch_size}")
 
 
 def cfg_velocity(
@@ -82,7 +82,7 @@ def cfg_velocity(
     ``guidance_scale == 1`` skips the unconditional pass.
     """
     b = x_t.shape[0]
-    cond, uncond = expand_cond(cond, b), expand_cond(uncond, b)
+    cond, uncond = expand_cond(cond, b, "cond"), expand_cond(uncond, b, "uncond")
     if guidance_scale == 1.0:
         return model.velocity(x_t, t, cond)
     if batched:

@@ -165,12 +165,18 @@ def rfds(
 
 
 # ---------------------------------------------------------------- iRFDS (§4)
+def check_step_size(name: str, step_size: StepSize) -> None:
+    if step_size == "auto":
+        return
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
+        raise ValueError(f"{name} must be 'auto' or a number > 0, got {step_size!r}")
+
+
 def inner_step_size(step_size: StepSize, t: Tensor) -> Tensor:
     """η [B]: a number, or ``"auto"`` = a(t) = 1 − t, for which one update gives ε̂ exactly."""
+    check_step_size("step_size", step_size)
     if step_size == "auto":
         return flow.alpha(t)
-    if not isinstance(step_size, (int, float)) or step_size <= 0:
-        raise ValueError(f"inner_step_size must be 'auto' or a number > 0, got {step_size!r}")
     return torch.full_like(t, float(step_size))
 
 
@@ -262,8 +268,9 @@ def rfds_rev(
 ) -> RFDSOutput:
     """RFDS-Rev (§5): refine ε by ``n_inner`` iRFDS updates with the conditional velocity
     (no CFG), then take the RFDS step at the same t with the refined noise."""
-    if not isinstance(n_inner, int) or n_inner < 0:
+    if isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 0:
         raise ValueError(f"n_inner must be an integer >= 0, got {n_inner!r}")
+    check_step_size("inner_step", inner_step)
     _check_inputs(x0, t, eps)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     x0_ = x0.detach()
