@@ -1,0 +1,175 @@
+"""CLIP similarity and CLIP R-precision of a benchmark's test renders (docs/tools.md).
+
+For a render I (one test view) of a run with prompt p, among the suite's prompts P:
+
+    s(I, q)      = cos(E_img(I), E_txt(q))                    (CLIP embeddings, L2-normalised)
+    CLIP score   = 100 · max(s(I, p), 0)                       (torchmetrics' CLIPScore convention)
+    R-precision  = 1[argmax_q∈P s(I, q) = p]                   (R = 1, DreamFusion / T3Bench style)
+
+Both are reported per view and averaged over the views of a run.  R-precision is only
+informative with several prompts: with one prompt it is 1 by construction (flagged in the output).
+Preprocessing (no torchvision): keep the first panel of threestudio's test grid (rgb | normal |
+opacity, square panels), bicubic resize of the short side, centre crop, CLIP normalisation — the
+sizes and statistics come from the model's ``preprocessor_config.json`` when it has one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .ledger import Ledger, write_json_atomic
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PANELS = ("first-square", "full")
+
+
+class Preprocessor:
+    """Resize shortest side → centre crop → (x/255 − mean)/std, as CLIPImageProcessor does."""
+
+    def __init__(self, size: int, crop: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+        self.size, self.crop = int(size), int(crop)
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+
+    @classmethod
+    def from_pretrained(cls, path: str, model_image_size: int) -> "Preprocessor":
+        from transformers.utils import cached_file
+
+        cfg_file = None
+        try:
+            cfg_file = cached_file(path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            cfg_file = None
+        if not cfg_file:
+            return cls(model_image_size, model_image_size)
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+        size = cfg.get("size", model_image_size)
+        if isinstance(size, dict):
+            size = size.get("shortest_edge") or min(size.get("height", model_image_size), size.get("width", model_image_size))
+        crop = cfg.get("crop_size", size)
+        if isinstance(crop, dict):
+            crop = min(crop.get("height", size), crop.get("width", size))
+        return cls(size, crop, cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD))
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        img = img.convert("RGB")
+        w, h = img.size
+        s = self.size / min(w, h)
+        nw, nh = max(self.crop, round(w * s)), max(self.crop, round(h * s))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
+        img = img.crop((left, top, left + self.crop, top + self.crop))
+        x = np.asarray(img, np.float32) / 255.0
+        return ((x - self.mean) / self.std).transpose(2, 0, 1)
+
+
+def load_render(path: str, panel: str = "first-square") -> Image.Image:
+    """A test render; ``first-square`` keeps the leftmost H×H panel of a wider grid image."""
+    if panel not in PANELS:
+        raise ValueError(f"panel must be one of {list(PANELS)}, got {panel!r}")
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    if panel == "first-square" and w > h:
+        img = img.crop((0, 0, h, h))
+    return img
+
+
+def pick_views(n: int, max_views: Optional[int]) -> List[int]:
+    """All indices, or ``max_views`` evenly spaced ones (around the orbit)."""
+    if not max_views or max_views >= n:
+        return list(range(n))
+    if max_views < 1:
+        raise ValueError(f"max_views must be >= 1, got {max_views}")
+    return sorted({int(round(i * n / max_views)) % n for i in range(max_views)})
+
+
+class ClipScorer:
+    def __init__(self, model: str = DEFAULT_CLIP, device: str = "auto", batch_size: int = 32):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        try:
+            self.model = CLIPModel.from_pretrained(model).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        except OSError as e:
+            raise OSError(
+                f"cannot load CLIP model {model!r}: {e}. Pass --clip-model with a local folder or a hub id "
+                f"(download with `huggingface-cli download {model}`)"
+            ) from e
+        self.preprocess = Preprocessor.from_pretrained(model, self.model.config.vision_config.image_size)
+        self.batch_size = batch_size
+        self.name = model
+
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        max_len = getattr(self.model.config.text_config, "max_position_embeddings", 77)
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        out = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
+                                           attention_mask=tok["attention_mask"].to(self.device))
+        out = getattr(out, "pooler_output", out)
+        return torch.nn.functional.normalize(out.float(), dim=-1)
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        feats = []
+        for i in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(np.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]))
+            out = self.model.get_image_features(pixel_values=x.to(self.device, next(self.model.parameters()).dtype))
+            feats.append(getattr(out, "pooler_output", out).float())
+        return torch.nn.functional.normalize(torch.cat(feats), dim=-1)
+
+
+def score_views(sims: torch.Tensor, true_index: int) -> List[Dict[str, float]]:
+    """Per-view metrics from cosine similarities ``sims`` [V, P] against all prompts."""
+    top = sims.argmax(dim=1)
+    return [
+        {"cosine": float(sims[v, true_index]), "clip_score": 100.0 * max(float(sims[v, true_index]), 0.0),
+         "top1": int(top[v]), "r_precision": float(int(top[v]) == true_index)}
+        for v in range(sims.shape[0])
+    ]
+
+
+def score_results(out_dir: str, scorer: ClipScorer, *, panel: str = "first-square",
+                  max_views: Optional[int] = None, log=print) -> Dict[str, object]:
+    """Score every finished run in a results folder; writes and returns ``scores.json``."""
+    suite_file = os.path.join(out_dir, "suite.json")
+    if not os.path.exists(suite_file):
+        raise FileNotFoundError(f"{out_dir} has no suite.json: is it an `rfds-bench run` results folder?")
+    with open(suite_file) as f:
+        prompts: List[str] = json.load(f)["prompts"]
+    text = scorer.text_features(prompts)
+    runs: Dict[str, object] = {}
+    for rid, rec in sorted(Ledger(os.path.join(out_dir, "ledger.jsonl")).state().items()):
+        if rec["status"] != "done" or not rec.get("renders"):
+            continue
+        if rec["prompt"] not in prompts:
+            log(f"skipping {rid}: its prompt is not in suite.json")
+            continue
+        idx = pick_views(len(rec["renders"]), max_views)
+        files = [os.path.join(rec["renders_dir"], rec["renders"][i]) for i in idx]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            log(f"skipping {rid}: {len(missing)} render(s) missing, e.g. {missing[0]}")
+            continue
+        sims = scorer.image_features([load_render(f, panel) for f in files]) @ text.T
+        views = score_views(sims.cpu(), prompts.index(rec["prompt"]))
+        for v, f in zip(views, files):
+            v["file"] = os.path.relpath(f, out_dir)
+        cs = np.array([v["clip_score"] for v in views])
+        runs[rid] = {"prompt": rec["prompt"], "config": rec["config"], "seed": rec["seed"], "n_views": len(views),
+                     "clip_score": float(cs.mean()), "clip_score_std": float(cs.std()),
+                     "r_precision": float(np.mean([v["r_precision"] for v in views])), "views": views}
+        log(f"{rid}: CLIP score {cs.mean():.2f}, R-precision {runs[rid]['r_precision']:.3f} over {len(views)} views")
+    result = {"clip_model": scorer.name, "panel": panel, "max_views": max_views, "prompts": prompts,
+              "r_precision_informative": len(prompts) > 1, "runs": runs}
+    write_json_atomic(os.path.join(out_dir, "scores.json"), result)
+    return result

@@ -1,0 +1,84 @@
+"""Test doubles for the external process that ``rfds-bench run`` drives: a fake threestudio checkout
+whose ``launch.py`` parses the real command line (OmegaConf dotlist, as threestudio does), then writes
+test renders in threestudio's layout ``<exp_root_dir>/<name>/<tag>/save/it<N>-test/<i>.png``.
+
+The fake's behaviour is steered by the prompt: ``FAIL`` → exits 1 after printing an error;
+``KILL`` → if the file ``kill-flag`` exists in the checkout, deletes it and SIGKILLs its parent
+(the benchmark runner), simulating a crash mid-benchmark.  Every call is appended to ``calls.jsonl``.
+"""
+import os
+import textwrap
+
+import yaml
+
+FAKE_LAUNCH = textwrap.dedent(
+    r'''
+    import argparse, json, os, signal, sys
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--gpu", default="0")
+    ap.add_argument("--train", action="store_true")
+    args, extras = ap.parse_known_args()
+    cfg = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_cli(extras))
+    prompt = cfg.system.prompt_processor.prompt
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "calls.jsonl"), "a") as f:
+        f.write(json.dumps({"prompt": prompt, "prompt_type": type(prompt).__name__, "seed": cfg.seed,
+                            "cwd": os.getcwd(), "train": args.train, "gpu": args.gpu,
+                            "max_steps": cfg.trainer.max_steps, "name": cfg.name}) + "\n")
+    if "FAIL" in prompt:
+        print("Traceback (most recent call last):")
+        print("RuntimeError: fake launch failed for " + prompt)
+        sys.exit(1)
+    flag = os.path.join(here, "kill-flag")
+    if "KILL" in prompt and os.path.exists(flag):
+        os.remove(flag)
+        os.kill(os.getppid(), signal.SIGKILL)
+        sys.exit(3)
+    save = os.path.join(cfg.exp_root_dir, cfg.name, cfg.tag + ("" if not cfg.use_timestamp else "@20990101-000000"), "save")
+    rng = np.random.default_rng(cfg.seed + len(prompt))
+    n = cfg.trainer.max_steps
+    for step, views in ((n // 2, 1), (n, 4)):
+        d = os.path.join(save, f"it{step}-test")
+        os.makedirs(d, exist_ok=True)
+        for i in range(views):
+            rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            grid = np.concatenate([rgb, np.full((16, 16, 3), 128, np.uint8), np.zeros((16, 16, 3), np.uint8)], 1)
+            Image.fromarray(grid).save(os.path.join(d, f"{i}.png"))
+    print("fake training done")
+    '''
+)
+
+
+def make_fake_threestudio(root: str) -> str:
+    """A folder with the fake launch.py and a plugin config at custom/threestudio-rfds/configs/fake.yaml."""
+    os.makedirs(os.path.join(root, "custom", "threestudio-rfds", "configs"), exist_ok=True)
+    with open(os.path.join(root, "launch.py"), "w") as f:
+        f.write(FAKE_LAUNCH)
+    cfg = {"name": "fake", "tag": "", "seed": 0, "use_timestamp": True, "exp_root_dir": "outputs",
+           "trainer": {"max_steps": 10}, "system": {"prompt_processor": {"prompt": "???"}}}
+    with open(os.path.join(root, "custom", "threestudio-rfds", "configs", "fake.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    return root
+
+
+def write_suite(path: str, prompts, seeds=(0,), **extra) -> str:
+    data = {"name": "fake-suite", "configs": [{"path": "custom/threestudio-rfds/configs/fake.yaml", "label": "fake"}],
+            "seeds": list(seeds), "prompts": list(prompts), **extra}
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+    return path
+
+
+def calls(root: str):
+    import json
+
+    p = os.path.join(root, "calls.jsonl")
+    if not os.path.exists(p):
+        return []
+    with open(p) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,146 @@
+"""rfds-bench run: launch commands, ledger, resume after failure and after a crash, render collection.
+threestudio's launch.py is replaced by the test double in bench_fakes.py (an external process)."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from bench_fakes import calls, make_fake_threestudio, write_suite
+from threestudio_rfds.bench.cli import main as bench_main
+from threestudio_rfds.bench.ledger import Ledger
+from threestudio_rfds.bench.runner import find_test_renders, run_suite, yaml_quote
+from threestudio_rfds.bench.suite import SuiteError, load_suite
+
+TRICKY = "a cat: cute, [draft] 'quoted' #1"
+
+
+@pytest.fixture
+def fake(tmp_path):
+    ts = make_fake_threestudio(str(tmp_path / "threestudio"))
+    return ts, str(tmp_path / "out")
+
+
+def test_yaml_quote_round_trips_through_omegaconf():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.from_cli([f"p={yaml_quote(TRICKY)}", f"q={yaml_quote('123')}"])
+    assert cfg.p == TRICKY and cfg.q == "123"
+
+
+def test_run_records_failures_and_resumes(fake, tmp_path):
+    ts, out = fake
+    suite = load_suite(write_suite(str(tmp_path / "s.yaml"), ["a hamburger", "FAIL here", TRICKY], seeds=[0, 1],
+                                   overrides=["trainer.max_steps=6"]))
+    counts = run_suite(suite, ts, out, log=lambda s: None)
+    assert counts == {"planned": 6, "done": 4, "failed": 2, "skipped": 0}
+    c = calls(ts)
+    assert len(c) == 6
+    assert {x["cwd"] for x in c} == {os.path.abspath(ts)} and all(x["train"] and x["gpu"] == "0" for x in c)
+    assert {(x["prompt"], x["prompt_type"]) for x in c} >= {(TRICKY, "str")}  # quoting survives OmegaConf
+    assert {x["max_steps"] for x in c} == {6}  # suite overrides reach the launch
+
+    state = Ledger(os.path.join(out, "ledger.jsonl")).state()
+    failed = [r for r in state.values() if r["status"] == "failed"]
+    assert len(failed) == 2 and all("fake launch failed for FAIL here" in r["log_tail"] for r in failed)
+    assert all(r["error"] == "exit code 1" for r in failed)
+    done = [r for r in state.values() if r["status"] == "done"]
+    for r in done:
+        assert r["step"] == 6 and r["renders"] == ["0.png", "1.png", "2.png", "3.png"]  # last it<N>-test only
+        assert r["renders_dir"] == os.path.join(out, "runs", "fake", os.path.basename(r["trial_dir"]), "save", "it6-test")
+        assert r["wall_time_s"] > 0 and r["max_rss_bytes"] > 0
+        assert r["peak_mem_allocated_bytes"] is None  # the fake never touches CUDA
+    with open(os.path.join(out, "suite.json")) as f:
+        assert json.load(f)["prompts"] == suite.prompts
+
+    # resume: nothing is launched again; --retry-failed relaunches only the failures
+    assert run_suite(suite, ts, out, log=lambda s: None)["skipped"] == 6
+    assert len(calls(ts)) == 6
+    counts = run_suite(suite, ts, out, retry_failed=True, log=lambda s: None)
+    assert counts["failed"] == 2 and counts["skipped"] == 4
+    assert [x["prompt"] for x in calls(ts)[6:]] == ["FAIL here", "FAIL here"]
+
+
+def test_crash_mid_benchmark_resumes_without_redoing(fake, tmp_path):
+    ts, out = fake
+    suite = write_suite(str(tmp_path / "s.yaml"), ["first", "KILL the runner", "third"])
+    open(os.path.join(ts, "kill-flag"), "w").close()
+    cmd = [sys.executable, "-m", "threestudio_rfds.bench.cli", "run", suite, "--threestudio", ts, "--out", out]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr  # the runner was killed while the second run was going
+    state = Ledger(os.path.join(out, "ledger.jsonl")).state()
+    assert sorted(r["status"] for r in state.values()) == ["done", "started"]
+
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [x["prompt"] for x in calls(ts)] == ["first", "KILL the runner", "KILL the runner", "third"]
+    state = Ledger(os.path.join(out, "ledger.jsonl")).state()
+    assert sorted(r["status"] for r in state.values()) == ["done"] * 3
+    assert "1 already finished" in p.stdout
+
+
+def test_dry_run_prints_commands_and_writes_nothing(fake, tmp_path, capsys):
+    ts, out = fake
+    suite = write_suite(str(tmp_path / "s.yaml"), ["a red panda"], seeds=[3])
+    assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--dry-run", "--override", "trainer.max_steps=2"]) == 0
+    text = capsys.readouterr().out
+    argv = shlex.split(text.split(" && ", 1)[1])  # the printed command is valid shell
+    assert argv[3:6] == [os.path.join(ts, "launch.py"), "--config", os.path.join(ts, "custom/threestudio-rfds/configs/fake.yaml")]
+    assert "system.prompt_processor.prompt='a red panda'" in argv and "--train" in argv
+    assert "seed=3" in argv and "use_timestamp=false" in argv and argv[-1] == "trainer.max_steps=2"
+    assert not os.path.exists(out) and calls(ts) == []
+
+
+def test_cli_errors(fake, tmp_path, capsys):
+    ts, out = fake
+    suite = write_suite(str(tmp_path / "s.yaml"), ["x"])
+    assert bench_main(["run", suite, "--threestudio", str(tmp_path), "--out", out]) == 2
+    assert "has no launch.py" in capsys.readouterr().err
+    missing = write_suite(str(tmp_path / "m.yaml"), ["x"], configs=[{"path": "nope/none.yaml"}])
+    assert bench_main(["run", missing, "--threestudio", ts, "--out", out]) == 2
+    assert "config 'nope/none.yaml' not found" in capsys.readouterr().err
+    assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--override", "seed=1"]) == 2
+    assert "runner sets itself" in capsys.readouterr().err
+
+
+def test_other_suite_in_same_out_dir_is_refused(fake, tmp_path):
+    ts, out = fake
+    run_suite(load_suite(write_suite(str(tmp_path / "a.yaml"), ["x"])), ts, out, log=lambda s: None)
+    other = load_suite(write_suite(str(tmp_path / "b.yaml"), ["y"], name="other"))
+    with pytest.raises(SuiteError, match="holds results of suite 'fake-suite'"):
+        run_suite(other, ts, out, log=lambda s: None)
+
+
+def test_find_test_renders_orders_views_numerically(tmp_path):
+    d = tmp_path / "save" / "it100-test"
+    d.mkdir(parents=True)
+    (tmp_path / "save" / "it20-test").mkdir()
+    for i in (10, 2, 1):
+        (d / f"{i}.png").write_bytes(b"")
+    r = find_test_renders(str(tmp_path))
+    assert r["step"] == 100 and r["renders"] == ["1.png", "2.png", "10.png"]
+    assert find_test_renders(str(tmp_path / "none"))["renders"] == []
+
+
+def test_ledger_survives_a_torn_line(tmp_path):
+    led = Ledger(str(tmp_path / "l.jsonl"))
+    led.append("a", "done")
+    with open(led.path, "a") as f:
+        f.write('{"run_id": "b", "stat')  # a crash mid-write
+    led.append("c", "failed", error="x")
+    assert {k: v["status"] for k, v in led.state().items()} == {"a": "done", "c": "failed"}
+
+
+def test_memwrap_reports_exit_code_and_memory(tmp_path):
+    from threestudio_rfds.bench.runner import MEMWRAP
+
+    script = tmp_path / "launch.py"
+    script.write_text("import sys, helper\nsys.exit(int(sys.argv[1]))\n")
+    (tmp_path / "helper.py").write_text("")  # importable only if the launch's folder is on sys.path
+    stats = tmp_path / "stats.json"
+    p = subprocess.run([sys.executable, MEMWRAP, str(stats), str(script), "7"], cwd=str(tmp_path / ".."))
+    assert p.returncode == 7
+    s = json.loads(stats.read_text())
+    assert s["exit_code"] == 7 and s["max_rss_bytes"] > 1e6 and s["cuda_max_memory_allocated"] is None
