@@ -89,8 +89,9 @@ def markdown(data: Dict[str, object]) -> str:
                          f"{_fmt(_mean([r['peak_mem_gib'] for r in rs]), '.2f')} |")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
-        lines += ["", "## Failed runs", "", "| run | error |", "|---|---|"]
-        lines += [f"| {r['run_id']} | {str(r['error']).replace('|', '/')} |" for r in failed]
+        lines += ["", "## Failed runs", "", "| run | prompt | error |", "|---|---|---|"]
+        lines += [f"| {r['run_id']} | {str(r['prompt']).replace('|', '/')} | {str(r['error']).replace('|', '/')} |"
+                  for r in failed]
     return "\n".join(lines) + "\n"
 
 

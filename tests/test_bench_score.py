@@ -1,0 +1,120 @@
+"""rfds-bench score / report on synthetic renders from the fake launch, with a tiny random CLIP
+model built and saved locally (real CLIPModel and CLIP tokenizer classes, no download)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench_fakes import make_fake_threestudio, write_suite
+from threestudio_rfds.bench.cli import main as bench_main
+from threestudio_rfds.bench.runner import run_suite
+from threestudio_rfds.bench.score import Preprocessor, load_render, pick_views
+from threestudio_rfds.bench.suite import load_suite
+
+PROMPTS = ["a hamburger", "a red panda", "FAIL: a broken run"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from tiny_instaflow import tiny_clip_tokenizer
+
+    d = str(tmp_path_factory.mktemp("tiny-clip"))
+    tok = tiny_clip_tokenizer()
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=24, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    ts = make_fake_threestudio(str(root / "threestudio"))
+    out = str(root / "out")
+    suite = load_suite(write_suite(str(root / "s.yaml"), PROMPTS, seeds=[0, 1]))
+    run_suite(suite, ts, out, log=lambda s: None)
+    return out
+
+
+def test_score_matches_clip_forward(results, tiny_clip):
+    from transformers import CLIPModel
+
+    from tiny_instaflow import tiny_clip_tokenizer
+
+    assert bench_main(["score", results, "--clip-model", tiny_clip, "--device", "cpu"]) == 0
+    with open(os.path.join(results, "scores.json")) as f:
+        s = json.load(f)
+    assert set(s["runs"]) and len(s["runs"]) == 4  # 2 prompts × 2 seeds; the failed runs are not scored
+    assert s["r_precision_informative"] and s["prompts"] == PROMPTS
+
+    # independent check of one run: CLIPModel's own logits_per_image = scale · cos
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    tok = tiny_clip_tokenizer()
+    pre = Preprocessor(24, 24)
+    rid, run = sorted(s["runs"].items())[0]
+    files = [os.path.join(results, v["file"]) for v in run["views"]]
+    px = torch.from_numpy(np.stack([pre(load_render(f)) for f in files]))
+    ids = tok(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=px).logits_per_image
+    cos = (logits / model.logit_scale.exp()).detach().numpy()
+    true = PROMPTS.index(run["prompt"])
+    np.testing.assert_allclose([v["cosine"] for v in run["views"]], cos[:, true], atol=1e-5)
+    np.testing.assert_allclose(run["clip_score"], np.mean(100 * np.maximum(cos[:, true], 0)), atol=1e-3)
+    np.testing.assert_allclose(run["r_precision"], np.mean(cos.argmax(1) == true))
+    assert run["n_views"] == 4
+
+
+def test_report_tables_and_plots(results, tiny_clip):
+    if not os.path.exists(os.path.join(results, "scores.json")):
+        bench_main(["score", results, "--clip-model", tiny_clip, "--device", "cpu"])
+    assert bench_main(["report", results]) == 0
+    md = open(os.path.join(results, "report.md")).read()
+    with open(os.path.join(results, "scores.json")) as f:
+        runs = json.load(f)["runs"]
+    ham = np.mean([r["clip_score"] for r in runs.values() if r["prompt"] == "a hamburger"])
+    assert f"| a hamburger | fake | 2 | {ham:.2f} |" in md
+    assert "| a red panda | fake | 2 |" in md
+    assert "## Failed runs" in md and "exit code 1" in md and md.count("FAIL: a broken run") == 2
+    assert "4 runs done, 2 failed" in md
+    for name in ("score_per_prompt.png", "score_vs_time.png"):
+        with Image.open(os.path.join(results, "plots", name)) as im:
+            assert im.size[0] > 100
+
+
+def test_report_before_scoring(tmp_path):
+    ts = make_fake_threestudio(str(tmp_path / "ts"))
+    out = str(tmp_path / "out")
+    run_suite(load_suite(write_suite(str(tmp_path / "s.yaml"), ["a cat"])), ts, out, log=lambda s: None)
+    assert bench_main(["report", out]) == 0
+    assert "Not scored yet" in open(os.path.join(out, "report.md")).read()
+    assert bench_main(["report", str(tmp_path)]) == 2  # not a results folder
+
+
+def test_first_square_panel_and_view_subsampling(tmp_path):
+    grid = np.concatenate([np.full((8, 8, 3), [255, 0, 0], np.uint8), np.zeros((8, 16, 3), np.uint8)], 1)
+    Image.fromarray(grid).save(tmp_path / "g.png")
+    assert np.asarray(load_render(str(tmp_path / "g.png"))).tolist() == np.full((8, 8, 3), [255, 0, 0]).tolist()
+    assert load_render(str(tmp_path / "g.png"), "full").size == (24, 8)
+    with pytest.raises(ValueError, match="panel must be one of"):
+        load_render(str(tmp_path / "g.png"), "left")
+    assert pick_views(120, 4) == [0, 30, 60, 90] and pick_views(3, 10) == [0, 1, 2]
+
+
+def test_missing_clip_model_error(results, capsys):
+    with pytest.raises(OSError, match="cannot load CLIP model '/nonexistent/clip'"):
+        bench_main(["score", results, "--clip-model", "/nonexistent/clip", "--device", "cpu"])
