@@ -1,0 +1,1 @@
+"""Performance benchmarks (``rfds-benchmark-step``); no model downloads, random weights of real sizes."""

@@ -1,0 +1,207 @@
+"""Time one guidance step: VAE encode of a render (with grad) → RFDS or RFDS-Rev with CFG → backward
+to the render, through the real :class:`SD3Backend` / :class:`InstaFlowBackend`.
+
+Models are SD3-medium-sized and SD1.5(InstaFlow)-sized with random weights built on the device
+(no download; speed and memory do not depend on the weights).  Prompt embeddings are random with
+the real shapes: SD3 [1, 77+256, 4096] + [1, 2048], InstaFlow [1, 77, 768].  One JSON line per case:
+{"case", "algorithm", "model", "median_ms", "min_ms", "peak_mem_gib", "dtype", "device_name",
+"resolution", "steps", ...}.  ``--tiny`` runs tiny configs on the CPU in seconds (for tests).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..backends.base import resolve_dtype
+from ..rfds import rfds, rfds_rev
+
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                  attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                  caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
+SD3_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+               use_quant_conv=False, use_post_quant_conv=False)
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_VAE = dict(latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                sample_size=512, scaling_factor=0.18215)
+TINY = {
+    "sd3": (dict(SD3_MEDIUM, sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=32),
+            dict(SD3_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)),
+    "instaflow": (dict(SD15_UNET, block_out_channels=(32, 32, 64, 64), layers_per_block=1, cross_attention_dim=32,
+                       norm_num_groups=16),
+                  dict(SD15_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)),
+}
+MODEL_NAMES = {"sd3": "sd3-medium", "instaflow": "instaflow-sd1.5"}
+ALGORITHMS = {"rfds": rfds, "rfds-rev": rfds_rev}
+CASES = [f"{m}-{a}" for m in MODEL_NAMES for a in ALGORITHMS]
+
+
+def _random(cls, config: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A model of ``config`` with random weights, allocated on ``device`` in ``dtype`` directly."""
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(device).eval()
+
+
+def build(model: str, device: torch.device, dtype: torch.dtype, resolution: int, tiny: bool):
+    """(backend, cond, uncond) for ``model`` ∈ {"sd3", "instaflow"} with random weights and prompts."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+
+    from ..backends.instaflow import InstaFlowBackend
+    from ..backends.sd3 import SD3Backend
+
+    net_cfg, vae_cfg = TINY[model] if tiny else (SD3_MEDIUM, SD3_VAE) if model == "sd3" else (SD15_UNET, SD15_VAE)
+    vae = _random(AutoencoderKL, vae_cfg, device, dtype)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    if model == "sd3":
+        net = _random(SD3Transformer2DModel, net_cfg, device, dtype)
+        backend = SD3Backend.from_modules(net, vae, shift=3.0, latent_rule="native", model_id=MODEL_NAMES[model])
+        conds = [{"prompt_embeds": randn(1, 77 + 256, net_cfg["joint_attention_dim"]),
+                  "pooled_prompt_embeds": randn(1, net_cfg["pooled_projection_dim"])} for _ in range(2)]
+    else:
+        net = _random(UNet2DConditionModel, net_cfg, device, dtype)
+        backend = InstaFlowBackend.from_modules(net, vae, latent_rule="resize", latent_size=(resolution, resolution),
+                                                name=MODEL_NAMES[model])
+        conds = [{"encoder_hidden_states": randn(1, 77, net_cfg["cross_attention_dim"])} for _ in range(2)]
+    return backend, conds[0], conds[1]
+
+
+def denoiser(backend) -> torch.nn.Module:
+    return backend.transformer if hasattr(backend, "transformer") else backend.unet
+
+
+def guidance_step(backend, algorithm: str, rgb: torch.Tensor, cond, uncond, guidance_scale: float,
+                  cfg_batched: bool) -> torch.Tensor:
+    """encode (with grad) → RFDS / RFDS-Rev → backward; returns the loss."""
+    rgb.grad = None
+    out = ALGORITHMS[algorithm](backend, backend.encode(rgb), cond, uncond, guidance_scale, cfg_batched=cfg_batched)
+    out.loss.backward()
+    return out.loss.detach()
+
+
+def time_steps(fn, steps: int, device: torch.device) -> List[float]:
+    """Milliseconds of each of ``steps`` calls of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000.0 * (time.perf_counter() - t0))
+    return times
+
+
+def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: torch.device,
+             dtype: torch.dtype) -> Dict:
+    rgb = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device, requires_grad=True)
+
+    def step():
+        return guidance_step(backend, algorithm, rgb, cond, uncond, args.guidance_scale, args.cfg_mode == "batched")
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(step, args.steps, device)
+    if not torch.isfinite(rgb.grad).all():
+        raise RuntimeError(f"{model}-{algorithm}: non-finite gradient at the render")
+    return {
+        "case": f"{model}-{algorithm}",
+        "algorithm": algorithm,
+        "model": ("tiny-" if args.tiny else "") + MODEL_NAMES[model] + "-random",
+        "median_ms": round(statistics.median(times), 3),
+        "min_ms": round(min(times), 3),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "batch": args.batch,
+        "cfg_mode": args.cfg_mode,
+        "compile": args.compile,
+    }
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rfds-benchmark-step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {CASES}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPU")
+    p.add_argument("--resolution", type=int, default=None, help="square render size (default 512; --tiny: 64)")
+    p.add_argument("--batch", type=int, default=1, help="renders per step")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer / UNet")
+    p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (seconds; for tests)")
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown or not cases:
+        p.error(f"unknown --cases {unknown}; choose from {CASES}")
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        p.error("--steps and --batch must be >= 1, --warmup >= 0")
+    args.cases = cases
+    args.resolution = args.resolution or (64 if args.tiny else 512)
+    return args
+
+
+def run(args: argparse.Namespace) -> List[Dict]:
+    """Run the cases grouped by model (one model in memory at a time); print and return the records."""
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    dtype = resolve_dtype(args.dtype, device)
+    records = []
+    for model in MODEL_NAMES:
+        algorithms = [a for a in ALGORITHMS if f"{model}-{a}" in args.cases]
+        if not algorithms:
+            continue
+        torch.manual_seed(0)
+        backend, cond, uncond = build(model, device, dtype, args.resolution, args.tiny)
+        if args.compile:
+            denoiser(backend).compile()
+        for algorithm in algorithms:
+            rec = run_case(backend, model, algorithm, cond, uncond, args, device, dtype)
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+        del backend, cond, uncond
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

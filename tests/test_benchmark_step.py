@@ -1,0 +1,63 @@
+"""rfds-benchmark-step: the --tiny mode runs every case in-process on the CPU and prints JSON lines;
+the full-size configs are the published model sizes (checked on the meta device, no memory)."""
+import json
+
+import pytest
+import torch
+
+from threestudio_rfds.backends.instaflow import InstaFlowBackend
+from threestudio_rfds.backends.sd3 import SD3Backend
+from threestudio_rfds.benchmarks import guidance_step as gs
+
+FIELDS = {"case", "algorithm", "model", "median_ms", "min_ms", "peak_mem_gib", "dtype", "device_name",
+          "resolution", "steps"}
+
+
+def _lines(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_tiny_runs_all_cases(capsys):
+    assert gs.main(["--tiny", "--steps", "2", "--warmup", "0"]) == 0
+    recs = _lines(capsys)
+    assert [r["case"] for r in recs] == gs.CASES
+    for r in recs:
+        assert FIELDS <= set(r)
+        assert 0 < r["min_ms"] <= r["median_ms"]
+        assert r["peak_mem_gib"] is None and r["device_name"] == "cpu" and r["dtype"] == "float32"
+        assert r["resolution"] == 64 and r["steps"] == 2 and r["model"].startswith("tiny-")
+
+
+def test_tiny_sequential_cfg_batch2(capsys):
+    gs.main(["--tiny", "--cases", "sd3-rfds-rev", "--steps", "1", "--warmup", "0",
+             "--cfg-mode", "sequential", "--batch", "2", "--resolution", "48"])
+    (r,) = _lines(capsys)
+    assert (r["case"], r["cfg_mode"], r["batch"], r["resolution"]) == ("sd3-rfds-rev", "sequential", 2, 48)
+
+
+@pytest.mark.parametrize("model,cls", [("sd3", SD3Backend), ("instaflow", InstaFlowBackend)])
+def test_build_wraps_real_backends(model, cls):
+    backend, cond, uncond = gs.build(model, torch.device("cpu"), torch.float32, 64, tiny=True)
+    assert isinstance(backend, cls) and set(cond) == set(uncond)
+    rgb = torch.rand(1, 3, 64, 64, requires_grad=True)
+    loss = gs.guidance_step(backend, "rfds", rgb, cond, uncond, 7.5, True)
+    assert torch.isfinite(loss) and rgb.grad.abs().sum() > 0
+    assert all(p.grad is None for p in gs.denoiser(backend).parameters())
+
+
+def test_full_configs_have_published_sizes():
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+
+    def count(cls, cfg):
+        with torch.device("meta"):
+            return sum(p.numel() for p in cls(**cfg).parameters())
+
+    assert count(SD3Transformer2DModel, gs.SD3_MEDIUM) == 2_028_328_000  # SD3-medium MMDiT (2B)
+    assert count(UNet2DConditionModel, gs.SD15_UNET) == 859_520_964  # SD1.5 / InstaFlow UNet
+    assert count(AutoencoderKL, gs.SD15_VAE) == 83_653_863  # SD1.5 VAE
+
+
+def test_bad_cases_rejected(capsys):
+    with pytest.raises(SystemExit):
+        gs.main(["--tiny", "--cases", "sd4-rfds"])
+    assert "sd4-rfds" in capsys.readouterr().err
