@@ -1,0 +1,63 @@
+"""Prompt encoding into threestudio's on-disk embedding cache, run in threestudio's ``spawn``
+subprocess.  Kept free of threestudio imports so that the child process starts quickly, and
+importable as ``threestudio_rfds.adapter.cache_worker`` (never through the ``custom/`` folder
+name, which the child could not import).
+
+Cache layout (threestudio's): ``<cache_dir>/<md5(f"{model}-{prompt}")>.pt`` holding, per prompt,
+the tensor ``encoder_hidden_states[i]`` (CLIP/InstaFlow, as threestudio's own processor) or the
+dict ``{"prompt_embeds": [L, D], "pooled_prompt_embeds": [P]}`` (SD3).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from functools import partial
+from typing import Callable, Dict, List
+
+import torch
+
+
+def threestudio_prompt_hash(model: str, prompt: str) -> str:
+    """threestudio's ``hash_prompt``: md5 of ``f"{model}-{prompt}"``."""
+    return hashlib.md5(f"{model}-{prompt}".encode()).hexdigest()
+
+
+def options_tag(family: str, options: Dict) -> str:
+    """Subfolder name for one encoder setting (options change the embeddings, not the file name)."""
+    blob = json.dumps({"family": family, **options}, sort_keys=True, default=str)
+    return f"rfds-{family}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def _save_atomic(obj, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def encode_to_threestudio_cache(
+    family: str, options: Dict, pretrained_model_name_or_path: str, prompts: List[str], cache_dir: str
+) -> None:
+    """Encode ``prompts`` with :func:`threestudio_rfds.text.encode_prompts` and save one file per
+    prompt where threestudio's ``PromptProcessor.load_from_cache`` looks for it."""
+    from ..text import encode_prompts
+
+    options = dict(options)
+    device, dtype = options.pop("device", "auto"), options.pop("dtype", "auto")
+    emb = encode_prompts(family, pretrained_model_name_or_path, list(prompts), device=device, dtype=dtype, **options)
+    os.makedirs(cache_dir, exist_ok=True)
+    for i, prompt in enumerate(prompts):
+        item = {k: v[i].detach().cpu().clone() for k, v in emb.items()}
+        obj = item["encoder_hidden_states"] if family == "instaflow" else item
+        _save_atomic(obj, os.path.join(cache_dir, f"{threestudio_prompt_hash(pretrained_model_name_or_path, prompt)}.pt"))
+
+
+def spawn_target(family: str, options: Dict) -> Callable[[str, List[str], str], None]:
+    """A picklable ``spawn_func(model, prompts, cache_dir)`` bound to one encoder setting."""
+    return partial(encode_to_threestudio_cache, family, dict(options))

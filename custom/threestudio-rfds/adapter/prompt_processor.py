@@ -1,0 +1,184 @@
+"""threestudio prompt processors for SD3 (sequence + pooled embeddings) and InstaFlow (CLIP).
+
+Both keep threestudio's machinery: view-dependent prompts, Perp-Neg, prompt debiasing, the
+on-disk cache ``.threestudio_cache/text_embeddings`` (one subfolder per encoder setting) and the
+``spawn`` subprocess that encodes prompts so the text encoders never share GPU memory with the
+flow model.  The encoding itself is :func:`threestudio_rfds.text.encode_prompts`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .cache_worker import options_tag, spawn_target
+from .compat import adapter_device, require_threestudio
+
+require_threestudio()
+from pytorch_lightning.utilities.rank_zero import rank_zero_only  # noqa: E402
+from threestudio.models.prompt_processors.base import PromptProcessor, PromptProcessorOutput  # noqa: E402
+from threestudio.models.prompt_processors.stable_diffusion_prompt_processor import (  # noqa: E402
+    StableDiffusionPromptProcessor,
+)
+from threestudio.utils.misc import barrier  # noqa: E402
+
+CACHE_ROOT = ".threestudio_cache/text_embeddings"  # threestudio's (hard-coded there as well)
+
+
+@dataclass
+class RFDSPromptProcessorOutput(PromptProcessorOutput):
+    """threestudio's output plus SD3's pooled embeddings ([1, P] and [Nv, P] per direction).
+
+    ``get_text_embeddings``/``get_text_embeddings_perp_neg`` are threestudio's (sequence
+    embeddings); the ``get_pooled_*`` twins return the matching pooled embeddings."""
+
+    pooled_embeddings: Optional[Tensor] = None
+    uncond_pooled_embeddings: Optional[Tensor] = None
+    pooled_embeddings_vd: Optional[Tensor] = None
+    uncond_pooled_embeddings_vd: Optional[Tensor] = None
+
+    @property
+    def has_pooled(self) -> bool:
+        return self.pooled_embeddings is not None
+
+    def _require_pooled(self) -> None:
+        if not self.has_pooled:
+            raise ValueError("these prompt embeddings carry no pooled embeddings (use rfds-sd3-prompt-processor)")
+
+    def direction_index(self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor) -> Tensor:
+        """Index of the view direction of each camera (threestudio's rule: later directions win)."""
+        idx = torch.zeros_like(elevation, dtype=torch.long)
+        for d in self.directions:
+            idx[d.condition(elevation, azimuth, camera_distances)] = self.direction2idx[d.name]
+        return idx
+
+    def get_pooled_embeddings(
+        self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor, view_dependent_prompting: bool = True
+    ) -> Tensor:
+        """[2B, P]: (cond, uncond) pooled embeddings, the order of ``get_text_embeddings``."""
+        self._require_pooled()
+        b = elevation.shape[0]
+        if view_dependent_prompting:
+            idx = self.direction_index(elevation, azimuth, camera_distances)
+            cond, uncond = self.pooled_embeddings_vd[idx], self.uncond_pooled_embeddings_vd[idx]
+        else:
+            cond = self.pooled_embeddings.expand(b, -1)
+            uncond = self.uncond_pooled_embeddings.expand(b, -1)
+        return torch.cat([cond, uncond], dim=0)
+
+    def get_pooled_embeddings_perp_neg(
+        self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor, view_dependent_prompting: bool = True
+    ) -> Tuple[Tensor, Tensor]:
+        """([4B, P] as (positive, uncond, 2 negatives per sample), weights [B, 2]): threestudio's
+        Perp-Neg interpolation applied to the pooled embeddings."""
+        self._require_pooled()
+        as_seq = dataclasses.replace(
+            self,
+            text_embeddings_vd=self.pooled_embeddings_vd[:, None],
+            uncond_text_embeddings_vd=self.uncond_pooled_embeddings_vd[:, None],
+        )
+        emb, weights = PromptProcessorOutput.get_text_embeddings_perp_neg(
+            as_seq, elevation, azimuth, camera_distances, view_dependent_prompting
+        )
+        return emb[:, 0], weights
+
+
+class _RFDSCacheMixin:
+    """Device fallback, a cache subfolder per encoder setting and a picklable spawn target."""
+
+    family: str = ""
+
+    def encoder_options(self) -> dict:
+        return {"device": "auto", "dtype": self.cfg.encode_dtype, "local_files_only": self.cfg.local_files_only}
+
+    @property
+    def spawn_func(self):  # threestudio calls self.spawn_func(model, prompts, cache_dir), maybe in a child
+        return spawn_target(self.family, self.encoder_options())
+
+    def _use_rfds_cache_dir(self) -> None:
+        self._cache_dir = os.path.join(CACHE_ROOT, options_tag(self.family, self.encoder_options()))
+
+    def configure(self) -> None:
+        self.device = adapter_device()
+        super().configure()
+
+    @rank_zero_only
+    def prepare_text_embeddings(self):
+        self._use_rfds_cache_dir()
+        super().prepare_text_embeddings()
+
+    def load_text_embeddings(self):
+        self._use_rfds_cache_dir()
+        super().load_text_embeddings()
+
+
+class SD3PromptProcessor(_RFDSCacheMixin, PromptProcessor):
+    """SD3 / SD3.5 prompts → ``prompt_embeds`` [L, D] and ``pooled_prompt_embeds`` [P] per prompt."""
+
+    family = "sd3"
+
+    @dataclass
+    class Config(PromptProcessor.Config):
+        pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-3-medium-diffusers"
+        use_t5: bool = True  # False: zeros in place of T5 (no 4.7B-parameter encoder, less memory)
+        max_sequence_length: int = 256  # T5 tokens
+        clip_skip: Optional[int] = None
+        encode_dtype: str = "auto"  # text encoders' dtype: auto = bf16 on CUDA, fp32 on CPU
+        local_files_only: Optional[bool] = None
+
+    cfg: Config
+
+    def encoder_options(self) -> dict:
+        return {**super().encoder_options(), "use_t5": self.cfg.use_t5,
+                "max_sequence_length": self.cfg.max_sequence_length, "clip_skip": self.cfg.clip_skip}
+
+    def load_text_embeddings(self):
+        self._use_rfds_cache_dir()
+        barrier()
+
+        def stack(prompts, key):
+            return torch.stack([self.load_from_cache(p)[key] for p in prompts], dim=0)
+
+        self.text_embeddings = stack([self.prompt], "prompt_embeds")
+        self.uncond_text_embeddings = stack([self.negative_prompt], "prompt_embeds")
+        self.text_embeddings_vd = stack(self.prompts_vd, "prompt_embeds")
+        self.uncond_text_embeddings_vd = stack(self.negative_prompts_vd, "prompt_embeds")
+        self.pooled_embeddings = stack([self.prompt], "pooled_prompt_embeds")
+        self.uncond_pooled_embeddings = stack([self.negative_prompt], "pooled_prompt_embeds")
+        self.pooled_embeddings_vd = stack(self.prompts_vd, "pooled_prompt_embeds")
+        self.uncond_pooled_embeddings_vd = stack(self.negative_prompts_vd, "pooled_prompt_embeds")
+
+    def __call__(self) -> RFDSPromptProcessorOutput:
+        base = PromptProcessor.__call__(self)
+        return RFDSPromptProcessorOutput(
+            **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+            pooled_embeddings=self.pooled_embeddings,
+            uncond_pooled_embeddings=self.uncond_pooled_embeddings,
+            pooled_embeddings_vd=self.pooled_embeddings_vd,
+            uncond_pooled_embeddings_vd=self.uncond_pooled_embeddings_vd,
+        )
+
+
+class InstaFlowPromptProcessor(_RFDSCacheMixin, StableDiffusionPromptProcessor):
+    """InstaFlow / SD1.5 CLIP prompts, as threestudio's ``stable-diffusion-prompt-processor``
+    (same tensors) but runnable without CUDA and encoded by :mod:`threestudio_rfds.text.clip`."""
+
+    family = "instaflow"
+
+    @dataclass
+    class Config(StableDiffusionPromptProcessor.Config):
+        pretrained_model_name_or_path: str = "XCLIU/2_rectified_flow_from_sd_1_5"
+        encode_dtype: str = "fp32"  # threestudio's processor stores fp32 CLIP states
+        local_files_only: Optional[bool] = None
+
+    cfg: Config
+
+
+PROMPT_PROCESSORS = {
+    "rfds-sd3-prompt-processor": SD3PromptProcessor,
+    "rfds-instaflow-prompt-processor": InstaFlowPromptProcessor,
+}

@@ -1,0 +1,1 @@
+"""Import-only placeholder package for nvdiffrast (see tests/placeholders/tinycudann.py)."""
