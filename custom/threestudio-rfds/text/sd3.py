@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+import weakref
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -33,10 +34,11 @@ def check_prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
     return prompts
 
 
-def release(*modules) -> None:
-    """Drop the references handed in, collect, and return cached CUDA memory."""
-    del modules
-    gc.collect()
+def release(refs: List[weakref.ref]) -> None:
+    """After the caller dropped its references: collect if any object is still alive (a cycle),
+    then return cached CUDA memory."""
+    if any(r() is not None for r in refs):
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -60,7 +62,9 @@ def _clip_embeds(path: str, tok_sub: str, enc_sub: str, prompts: List[str], max_
     out = encoder(_tokenize(tokenizer, prompts, max_length, tok_sub).to(dev), output_hidden_states=True)
     hidden = out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)]
     pooled = out[0]
-    release(encoder, tokenizer)
+    refs = [weakref.ref(encoder)]
+    del encoder, tokenizer, out
+    release(refs)
     return hidden, pooled, max_length
 
 
@@ -70,7 +74,9 @@ def _t5_embeds(path: str, prompts: List[str], max_sequence_length: int, dev, dt,
     tokenizer = load_component(T5TokenizerFast, path, "tokenizer_3", **kw)
     encoder = load_component(T5EncoderModel, path, "text_encoder_3", torch_dtype=dt, **kw).to(dev).eval()
     hidden = encoder(_tokenize(tokenizer, prompts, max_sequence_length, "tokenizer_3").to(dev))[0]
-    release(encoder, tokenizer)
+    refs = [weakref.ref(encoder)]
+    del encoder, tokenizer
+    release(refs)
     return hidden
 
 
