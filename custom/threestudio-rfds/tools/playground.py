@@ -1,0 +1,185 @@
+"""``rfds-2d``: optimise images for a prompt with RFDS or RFDS-Rev (the paper's 2D playground).
+
+Each of N particles x_i is a free parameter — a latent z_i (``--space latent``, initialised
+U[−1, 1] as the reference code) or an RGB image in [0, 1] (``--space rgb``, encoded by the VAE
+every step, z_i = E(x_i), and projected back to [0, 1] after each update).  Every step draws a
+batch of particles and minimises the RFDS loss, whose gradient wrt z is
+g = w(t)·(v̂_cfg(z_t, t) − (ε − z)) (rfds.py), with AdamW.  RFDS-Rev first refines ε by iRFDS.
+
+Outputs in --out: ``final_<i>.png``, ``final_grid.png``, ``progress.gif`` and
+``progress_grid.png`` (rows = saved steps), ``curves.png`` (loss, grad-norm), ``history.json``
+and ``run.json`` (every setting, the command line and library versions).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import common, images
+
+DEFAULTS = {  # the reference 2D scripts' settings per model family
+    "sd3": {"lr": 3e-2, "guidance_scale": 50.0},
+    "instaflow": {"lr": 3e-3, "guidance_scale": 50.0},
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rfds-2d", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--negative-prompt", default="")
+    common.add_model_args(ap)
+    g = ap.add_argument_group("optimisation")
+    g.add_argument("--algorithm", default="rfds", help="rfds or rfds-rev")
+    g.add_argument("--space", default="latent", help="latent (optimise z) or rgb (optimise pixels through the VAE)")
+    g.add_argument("--particles", type=int, default=4, help="number of images optimised together")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="particles drawn (with replacement) per step; default all particles, in order")
+    g.add_argument("--steps", type=int, default=800)
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (sd3 3e-2, instaflow 3e-3)")
+    g.add_argument("--guidance-scale", type=float, default=None, help="CFG scale w (default 50 as the reference)")
+    g.add_argument("--min-step-percent", type=float, default=0.02)
+    g.add_argument("--max-step-percent", type=float, default=0.98)
+    g.add_argument("--weighting", default="none", help="none, sigmoid or sds (rfds.rfds_weighting)")
+    g.add_argument("--n-inner", type=int, default=1, help="RFDS-Rev: iRFDS refinements of the noise")
+    g.add_argument("--grad-clip", type=float, default=None)
+    g.add_argument("--time-convention", default="model", help="model or reference (flow.py)")
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--width", type=int, default=512)
+    o = ap.add_argument_group("output")
+    o.add_argument("--out", default=None, help="output folder (default outputs/rfds-2d/<prompt>-<algorithm>)")
+    o.add_argument("--save-every", type=int, default=None, help="steps between progress frames (default steps/10)")
+    o.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
+    return ap
+
+
+def check_args(args: argparse.Namespace) -> None:
+    from ..checks import check_choice
+    from ..rfds import ALGORITHMS, WEIGHTINGS
+
+    common.check_model_args(args)
+    check_choice("--algorithm", args.algorithm, ALGORITHMS)
+    check_choice("--space", args.space, ("latent", "rgb"))
+    check_choice("--weighting", args.weighting, WEIGHTINGS)
+    check_choice("--time-convention", args.time_convention, ("model", "reference"))
+    for name in ("particles", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    args.batch_size = args.batch_size or args.particles
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    d = DEFAULTS[args.model]
+    args.lr = d["lr"] if args.lr is None else args.lr
+    args.guidance_scale = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    args.save_every = args.save_every or max(1, args.steps // 10)
+    if args.out is None:
+        from ..bench.suite import slugify
+
+        args.out = os.path.join("outputs", "rfds-2d", f"{slugify(args.prompt)}-{args.algorithm}-{args.space}")
+
+
+def init_particles(backend, args, gen: torch.Generator) -> torch.Tensor:
+    """Latent space: U[−1, 1] of shape [N, C, H/f, W/f] (reference); RGB: U[0, 1] of [N, 3, H, W]."""
+    if args.space == "latent":
+        h, w = backend.latent_shape(args.height, args.width)
+        x = 2 * torch.rand(args.particles, backend.latent_channels, h, w, generator=gen) - 1
+    else:
+        x = torch.rand(args.particles, 3, args.height, args.width, generator=gen)
+    return x.to(backend.device).requires_grad_(True)
+
+
+@torch.no_grad()
+def to_images(backend, params: torch.Tensor, space: str) -> List:
+    rgb = params if space == "rgb" else torch.cat([backend.decode(params[i:i + 1]) for i in range(params.shape[0])])
+    return list(images.to_numpy(rgb))
+
+
+def optimise(backend, cond, uncond, args, log=None) -> Dict[str, object]:
+    """The optimisation loop; returns {"params", "history", "frames": [(step, [images])]}."""
+    from tqdm.auto import tqdm
+
+    from ..rfds import rfds, rfds_rev
+
+    gen = common.seed_everything(args.seed)
+    params = init_particles(backend, args, gen)
+    opt = torch.optim.AdamW([params], lr=args.lr, weight_decay=0.0)
+    history: Dict[str, List[float]] = {"step": [], "loss": [], "grad_norm": [], "t_mean": []}
+    frames = [(0, to_images(backend, params.detach(), args.space))]
+    kw = dict(min_step_percent=args.min_step_percent, max_step_percent=args.max_step_percent,
+              weighting=args.weighting, grad_clip=args.grad_clip, generator=gen)
+    if args.algorithm == "rfds-rev":
+        kw["n_inner"] = args.n_inner
+    fn = rfds_rev if args.algorithm == "rfds-rev" else rfds
+    bar = tqdm(range(1, args.steps + 1), desc=f"{args.algorithm} ({args.space})", disable=args.no_progress,
+               dynamic_ncols=True)
+    for step in bar:
+        if args.batch_size == args.particles:
+            x = params
+        else:
+            x = params[torch.randint(0, args.particles, (args.batch_size,), generator=gen).to(params.device)]
+        z = x if args.space == "latent" else backend.encode(x)
+        out = fn(backend, z, cond, uncond, args.guidance_scale, **kw)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if args.space == "rgb":
+            with torch.no_grad():
+                params.clamp_(0.0, 1.0)
+        logs = {k: float(v) for k, v in out.logs().items()}
+        history["step"].append(step)
+        for k in ("loss", "grad_norm", "t_mean"):
+            history[k].append(logs[k])
+        bar.set_postfix(loss=f"{logs['loss']:.4g}", grad=f"{logs['grad_norm']:.3g}")
+        if step % args.save_every == 0 or step == args.steps:
+            frames.append((step, to_images(backend, params.detach(), args.space)))
+    return {"params": params.detach(), "history": history, "frames": frames}
+
+
+def save_outputs(res: Dict[str, object], args) -> Dict[str, object]:
+    os.makedirs(args.out, exist_ok=True)
+    step, final = res["frames"][-1]
+    files = [images.save_png(im, os.path.join(args.out, f"final_{i}.png")) for i, im in enumerate(final)]
+    files.append(images.save_png(images.grid(final), os.path.join(args.out, "final_grid.png")))
+    rows = [images.hstack(ims, pad=2) for _, ims in res["frames"]]
+    files.append(images.save_png(images.grid(rows, ncols=1), os.path.join(args.out, "progress_grid.png")))
+    files.append(images.save_gif([images.grid(ims) for _, ims in res["frames"]], os.path.join(args.out, "progress.gif")))
+    files.append(common.plot_curves(res["history"], os.path.join(args.out, "curves.png"),
+                                    title=f"{args.algorithm} / {args.model} / {args.space}: {args.prompt}"))
+    files.append(common.write_json(os.path.join(args.out, "history.json"), res["history"]))
+    return {"files": [os.path.basename(f) for f in files], "frame_steps": [s for s, _ in res["frames"]]}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        check_args(args)
+        t0 = time.time()
+        backend = common.load_model(args, args.time_convention)
+        common.check_size(backend, args.height, args.width)
+        cond, uncond = common.encode_pair(args, backend, args.prompt, args.negative_prompt)
+        t1 = time.time()
+        res = optimise(backend, cond, uncond, args)
+        t2 = time.time()
+    except (ValueError, OSError) as e:
+        print(f"rfds-2d: error: {e}", file=sys.stderr)
+        return 2
+    saved = save_outputs(res, args)
+    h = res["history"]
+    record = common.run_record("rfds-2d", args, argv, outputs=saved["files"], frame_steps=saved["frame_steps"],
+                               final={"loss": h["loss"][-1], "grad_norm": h["grad_norm"][-1]},
+                               timing_s={"load": t1 - t0, "optimise": t2 - t1, "per_step": (t2 - t1) / args.steps},
+                               peak_cuda_mem_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
+    common.write_json(os.path.join(args.out, "run.json"), record)
+    print(f"rfds-2d: {args.steps} steps in {t2 - t1:.1f}s ({(t2 - t1) / args.steps * 1000:.0f} ms/step); "
+          f"final loss {h['loss'][-1]:.4g}; outputs in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""rfds-edit on the tiny models: outputs, the run record, float PSNR, and input errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from threestudio_rfds.tools.edit import main
+from threestudio_rfds.tools.images import psnr
+
+SMALL = ["--steps", "4", "--sample-steps", "3", "--height", "32", "--width", "32", "--no-progress"]
+
+
+@pytest.fixture
+def rgb_image(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    p = str(tmp_path / "in.png")
+    Image.fromarray(arr).save(p)
+    return p
+
+
+def _edit(tmp_path, image, model, path, *extra):
+    out = str(tmp_path / f"out-{model}")
+    assert main(["--image", image, "--source-prompt", "a cat", "--target-prompt", "a tiger", "--model", model,
+                 "--pretrained", path, "--out", out, *SMALL, *extra]) == 0
+    with open(os.path.join(out, "run.json")) as f:
+        return out, json.load(f)
+
+
+def _png(out, name):
+    return np.asarray(Image.open(os.path.join(out, name)).convert("RGB"))
+
+
+def test_sd3_edit_outputs_and_psnr(tmp_path, tiny_sd3_path, rgb_image):
+    out, rec = _edit(tmp_path, rgb_image, "sd3", tiny_sd3_path, "--edit-rfds-steps", "1")
+    for f in ["source.png", "reconstruction.png", "edit.png", "comparison.png", "curves.png"]:
+        assert os.path.exists(os.path.join(out, f)), f
+    s = rec["settings"]
+    assert s["init"] == "latent" and s["t_start"] == 1.0 and s["sample_guidance"] == 2.0  # SD3 reference defaults
+    assert rec["notes"] == ["resized from 48x40 to 32x32"]
+    assert _png(out, "comparison.png").shape == (32, 32 * 3 + 2 * 4, 3)
+    m = rec["metrics"]
+    # the recorded PSNR is the float PSNR of the images that were saved (up to 8-bit rounding)
+    assert m["psnr_reconstruction_db"] == pytest.approx(psnr(_png(out, "source.png"), _png(out, "reconstruction.png")), abs=0.3)
+    assert 0 < m["psnr_reconstruction_db"] < 60 and np.isfinite(m["psnr_vae_roundtrip_db"])
+    assert len(rec["argv"]) > 0 and rec["versions"]["torch"]
+
+
+def test_instaflow_fixed_point_inversion(tmp_path, tiny_instaflow_path, rgb_image):
+    out, rec = _edit(tmp_path, rgb_image, "instaflow", tiny_instaflow_path, "--method", "update")
+    s = rec["settings"]
+    assert s["method"] == "update" and s["t_start"] == 0.9 and s["init"] == "randn"
+    assert np.isfinite(rec["metrics"]["final_inversion_loss"])
+    # with a different target prompt the edit differs from the reconstruction
+    assert np.abs(_png(out, "edit.png").astype(int) - _png(out, "reconstruction.png").astype(int)).max() > 0
+
+
+def test_rgba_is_composited_with_a_note(tmp_path, tiny_instaflow_path):
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[8:24, 8:24] = [200, 30, 30, 255]
+    p = str(tmp_path / "rgba.png")
+    Image.fromarray(rgba).save(p)
+    out, rec = _edit(tmp_path, p, "instaflow", tiny_instaflow_path, "--steps", "1")
+    assert any("RGBA input composited over a white background" in n for n in rec["notes"])
+    src = _png(out, "source.png")
+    assert src[0, 0].tolist() == [255, 255, 255] and src[16, 16].tolist() == [200, 30, 30]
+
+
+def _write(tmp_path, kind):
+    p = tmp_path / f"{kind}.png"
+    if kind == "gray":
+        Image.fromarray(np.full((32, 32), 100, np.uint8)).save(p)
+    elif kind == "tiny":
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p)
+    elif kind == "rgba":
+        Image.fromarray(np.zeros((32, 32, 4), np.uint8)).save(p)
+    elif kind == "rgb":
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(p)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "kind, extra, match",
+    [
+        ("missing", [], "does not exist"),
+        ("gray", [], "grayscale image (PIL mode 'L'); an RGB image is required"),
+        ("tiny", [], "is 8x8 pixels; both sides must be at least 16"),
+        ("rgba", ["--rgba", "reject"], "has an alpha channel"),
+        ("rgb", ["--model", "dalle"], "--model must be one of ['sd3', 'instaflow']"),
+        ("rgb", ["--method", "ddim"], "--method must be one of"),
+        ("rgb", ["--t-start", "0"], "--t-start must be a number in"),
+    ],
+)
+def test_bad_inputs_have_clear_errors(tmp_path, capsys, kind, extra, match):
+    image = str(tmp_path / "none.png") if kind == "missing" else _write(tmp_path, kind)
+    argv = ["--image", image, "--source-prompt", "a", "--target-prompt", "b", "--model", "sd3",
+            "--pretrained", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), *SMALL, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rfds-edit: error:") and match in err
+    assert not os.path.exists(tmp_path / "o")
