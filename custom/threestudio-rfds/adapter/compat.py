@@ -21,9 +21,14 @@ def require_threestudio():
             "threestudio_rfds.adapter needs threestudio: run from a threestudio checkout (or put it on "
             f"PYTHONPATH) with its requirements installed (docs/threestudio.md). Import failed: {e}"
         ) from e
+    check_threestudio_version(getattr(threestudio, "__version__", None))
+    return threestudio
+
+
+def check_threestudio_version(found) -> None:
+    """Raise :class:`ThreestudioVersionError` unless ``found`` >= MIN_THREESTUDIO_VERSION."""
     from packaging.version import InvalidVersion, Version
 
-    found = getattr(threestudio, "__version__", None)
     try:
         ok = found is not None and Version(str(found)) >= Version(MIN_THREESTUDIO_VERSION)
     except InvalidVersion:
@@ -34,7 +39,6 @@ def require_threestudio():
             f"{found if found is not None else 'a version without __version__'}; update threestudio "
             "(git pull in your threestudio checkout)"
         )
-    return threestudio
 
 
 def adapter_device() -> torch.device:

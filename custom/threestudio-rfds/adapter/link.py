@@ -1,0 +1,107 @@
+"""``rfds-link``: make this package a threestudio extension.
+
+    rfds-link [THREESTUDIO_ROOT] [--force] [--check]
+
+Symlinks the installed package folder to ``<threestudio>/custom/threestudio-rfds`` (where
+threestudio's ``launch.py`` loads extensions) after checking the threestudio checkout, its
+version (>= 0.2.0, read from the source without importing it) and the versions of the
+libraries the adapter needs.  ``--check`` only checks; ``--force`` replaces an existing link.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from importlib import metadata
+from typing import List, Optional
+
+from packaging.version import Version
+
+from .compat import MIN_THREESTUDIO_VERSION, ThreestudioVersionError, check_threestudio_version
+
+EXTENSION_NAME = "threestudio-rfds"
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIN_VERSIONS = {"diffusers": "0.29", "transformers": "4.41", "torch": "2.1"}  # SD3 support in diffusers 0.29
+
+
+class LinkError(RuntimeError):
+    """The threestudio checkout or the environment is not usable; the message says why."""
+
+
+def threestudio_version(root: str) -> str:
+    """``__version__`` of the threestudio checkout at ``root`` (parsed, not imported)."""
+    init = os.path.join(root, "threestudio", "__init__.py")
+    if not os.path.isfile(os.path.join(root, "launch.py")) or not os.path.isfile(init):
+        raise LinkError(f"{root!r} is not a threestudio checkout (expected launch.py and threestudio/__init__.py)")
+    with open(init, encoding="utf-8") as f:
+        m = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", f.read(), re.M)
+    if m is None:
+        raise LinkError(f"{init} defines no __version__: threestudio is older than {MIN_THREESTUDIO_VERSION}; git pull it")
+    return m.group(1)
+
+
+def check_versions(root: str) -> List[str]:
+    """Lines describing the versions found; raises :class:`LinkError` on a version too old."""
+    found = threestudio_version(root)
+    try:
+        check_threestudio_version(found)
+    except ThreestudioVersionError as e:
+        raise LinkError(f"{e} (checkout at {root})") from e
+    lines = [f"threestudio {found} (>= {MIN_THREESTUDIO_VERSION}) at {root}"]
+    for dist, minimum in MIN_VERSIONS.items():
+        try:
+            have = metadata.version(dist)
+        except metadata.PackageNotFoundError as e:
+            raise LinkError(f"{dist} is not installed (threestudio-rfds needs >= {minimum})") from e
+        if Version(have.split("+")[0]) < Version(minimum):
+            raise LinkError(f"{dist} {have} is too old: threestudio-rfds needs >= {minimum}")
+        lines.append(f"{dist} {have} (>= {minimum})")
+    return lines
+
+
+def link(root: str, force: bool = False, source: str = PACKAGE_DIR) -> str:
+    """Create ``<root>/custom/threestudio-rfds`` → ``source``; returns the link path."""
+    custom = os.path.join(root, "custom")
+    if not os.path.isdir(custom):
+        raise LinkError(f"{custom} does not exist: is {root!r} a threestudio checkout?")
+    target = os.path.join(custom, EXTENSION_NAME)
+    if os.path.islink(target):
+        if os.path.realpath(target) == os.path.realpath(source):
+            return target
+        if not force:
+            raise LinkError(f"{target} already links to {os.readlink(target)}; pass --force to replace it")
+        os.remove(target)
+    elif os.path.exists(target):
+        if os.path.realpath(target) == os.path.realpath(source):
+            return target  # the package is itself installed inside custom/
+        raise LinkError(f"{target} exists and is not a link; remove or rename it first (nothing was changed)")
+    os.symlink(source, target, target_is_directory=True)
+    return target
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="rfds-link", description=__doc__.split("\n\n")[0])
+    p.add_argument("root", nargs="?", default=os.environ.get("THREESTUDIO_ROOT", "."),
+                   help="threestudio checkout (default: $THREESTUDIO_ROOT or the current folder)")
+    p.add_argument("--force", action="store_true", help="replace an existing link to another folder")
+    p.add_argument("--check", action="store_true", help="only check the checkout and the versions")
+    args = p.parse_args(argv)
+    root = os.path.abspath(args.root)
+    try:
+        for line in check_versions(root):
+            print(f"ok: {line}")
+        if args.check:
+            return 0
+        target = link(root, force=args.force)
+    except LinkError as e:
+        print(f"rfds-link: error: {e}", file=sys.stderr)
+        return 1
+    print(f"linked {target} -> {PACKAGE_DIR}")
+    print(f"run: cd {root} && python launch.py --config custom/{EXTENSION_NAME}/configs/rfds-sd3.yaml --train "
+          "--gpu 0 system.prompt_processor.prompt=\"a DSLR photo of a hamburger\"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
