@@ -81,6 +81,16 @@ def test_crash_mid_benchmark_resumes_without_redoing(fake, tmp_path):
     assert "1 already finished" in p.stdout
 
 
+def test_relative_out_dir(fake, tmp_path, monkeypatch):
+    ts, _ = fake
+    suite = write_suite(str(tmp_path / "s.yaml"), ["a red panda"])
+    monkeypatch.chdir(tmp_path)
+    assert bench_main(["run", suite, "--threestudio", os.path.relpath(ts), "--out", "rel-out"]) == 0
+    (rec,) = Ledger(str(tmp_path / "rel-out" / "ledger.jsonl")).state().values()
+    assert rec["status"] == "done" and rec["max_rss_bytes"] > 0  # memwrap's stats landed in OUT/logs
+    assert rec["renders_dir"].startswith(str(tmp_path / "rel-out" / "runs"))
+
+
 def test_dry_run_prints_commands_and_writes_nothing(fake, tmp_path, capsys):
     ts, out = fake
     suite = write_suite(str(tmp_path / "s.yaml"), ["a red panda"], seeds=[3])

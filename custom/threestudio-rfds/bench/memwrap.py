@@ -49,10 +49,13 @@ def main():
         code = 1
         raise
     finally:
-        tmp = stats_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(_stats(code), f)
-        os.replace(tmp, stats_path)
+        try:
+            tmp = stats_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(_stats(code), f)
+            os.replace(tmp, stats_path)
+        except OSError as e:  # never turn the launch's result into a failure
+            sys.stderr.write(f"memwrap: could not write {stats_path}: {e}\n")
 
 
 if __name__ == "__main__":

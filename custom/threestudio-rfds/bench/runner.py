@@ -161,6 +161,7 @@ def run_suite(
     """Run every run of ``suite`` not yet done; returns counts {done, failed, skipped, planned}."""
     python = python or sys.executable
     threestudio = os.path.abspath(threestudio)
+    out_dir = os.path.abspath(out_dir)  # the child runs in the threestudio checkout
     launch = os.path.join(threestudio, "launch.py")
     if not os.path.isfile(launch):
         raise SuiteError(f"--threestudio {threestudio!r} has no launch.py; pass the threestudio checkout")
