@@ -86,10 +86,12 @@ class RFDSOutput:
         }
 
 
-def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor]) -> None:
-    if x0.ndim < 2:
-        raise ValueError(f"x0 must be batched with shape [B, ...], got shape {tuple(x0.shape)}")
-    check_finite("x0", x0)
+def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], check_values: bool = True) -> None:
+    """Shapes always; ``check_values`` also checks that x0 and ε are finite (a host sync)."""
+    if not torch.is_tensor(x0) or x0.ndim < 2:
+        raise ValueError(f"x0 must be a batched tensor of shape [B, ...], got {getattr(x0, 'shape', x0)!r}")
+    if check_values:
+        check_finite("x0", x0)
     if t is not None:
         check_time("t", t)
         if t.ndim != 1:
@@ -98,7 +100,8 @@ def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor]) -> Non
     if eps is not None:
         if eps.shape != x0.shape:
             raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
-        check_finite("eps", eps)
+        if check_values:
+            check_finite("eps", eps)
 
 
 def _draw(model: VelocityModel, x0: Tensor, t, eps, min_step_percent, max_step_percent, generator):
@@ -194,8 +197,17 @@ def irfds_update(
     """One iRFDS step on the noise (§4.1): ε' = ε + η·ḃ·(v̂(x_t) − v(x0, ε)).
 
     With η = a(t) this is x_t + a(t)·v̂ = ε̂(x_t), one Euler step of the flow from t to 1.
-    The reference SD3 update ε' = ε + (1 − σ)(v̂ + x0 − ε) is this with η = 1 − σ.
+    The reference SD3 update ε' = ε + (1 − σ)(v̂ + x0 − ε) is this with η = 1 − σ; the
+    InstaFlow reference's ε' = x0 + v̂ is η = 1.
     """
+    _check_inputs(x0, t, eps, check_values=False)
+    if t is None:
+        raise ValueError("t must be a tensor of noise levels [B] in [0, 1], got None")
+    check_step_size("step_size", step_size)
+    return _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale, uncond)
+
+
+def _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale=1.0, uncond=None) -> Tensor:
     x_t = flow.interpolate(x0, eps, t)
     if guidance_scale == 1.0 or uncond is None:
         v = model.velocity(x_t, t, expand_cond(cond, x0.shape[0]))
@@ -275,7 +287,7 @@ def rfds_rev(
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     x0_ = x0.detach()
     for _ in range(n_inner):
-        eps = irfds_update(model, x0_, eps, t, cond, inner_step)
+        eps = _irfds_step(model, x0_, eps, t, cond, inner_step)
     return rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
                            grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
 
