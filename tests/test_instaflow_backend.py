@@ -47,6 +47,9 @@ def test_loads_frozen_and_matches_protocol(backend):
 def test_load_backend_dispatch(tiny_instaflow_path):
     b = load_backend("instaflow", pretrained_model_name_or_path=tiny_instaflow_path, device="cpu", dtype="fp32")
     assert isinstance(b, InstaFlowBackend) and b.latent_size == (512, 512) and b.latent_rule == "resize"
+    assert b.unet._compiled_call_impl is None
+    compiled = load_backend("instaflow", pretrained_model_name_or_path=tiny_instaflow_path, device="cpu", compile=True)
+    assert compiled.unet._compiled_call_impl is not None  # compiled lazily, on the first call
     with pytest.raises(ValueError, match="unknown backend 'sd4'.*instaflow.*sd3"):
         load_backend("sd4")
 

@@ -82,6 +82,7 @@ class InstaFlowBackend:
         unet_delta: Optional[dict] = None,
         vae_path: Optional[str] = None,
         vae_subfolder: Optional[str] = "vae",
+        compile: bool = False,
     ):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -97,6 +98,8 @@ class InstaFlowBackend:
             merge_unet_delta(unet, *self._load_delta(unet_delta, local_files_only))
         vae = load_component(AutoencoderKL, vae_path or path, vae_subfolder if vae_path else "vae", torch_dtype=dt, **kw)
         self._setup(unet, vae, dev, dt, time_convention, latent_rule, latent_size, name=path)
+        if compile:  # torch.compile the UNet in place (H100, 512²: RFDS step 62 → 54 ms, docs/backends.md)
+            self.unet.compile()
 
     @classmethod
     def from_modules(
