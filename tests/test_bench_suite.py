@@ -26,6 +26,17 @@ def test_shipped_suite_names():
     assert len(load_suite("default").prompts) == 10  # bare names are looked up in configs/
 
 
+def test_suite_search_path(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**GOOD, "name": "mine"}))
+    monkeypatch.setenv("RFDS_BENCH_SUITES", str(tmp_path))
+    assert load_suite("mine").name == "mine"
+    monkeypatch.delenv("RFDS_BENCH_SUITES")
+    monkeypatch.chdir(tmp_path.parent)
+    (tmp_path.parent / "configs").mkdir(exist_ok=True)
+    (tmp_path.parent / "configs" / "local.yaml").write_text(yaml.safe_dump({**GOOD, "name": "local"}))
+    assert load_suite("local").name == "local"  # ./configs when not installed from a checkout
+
+
 def test_valid_minimal_suite():
     s = parse_suite(GOOD)
     assert [r.run_id for r in s.runs()][0].startswith("a/a_cat-")

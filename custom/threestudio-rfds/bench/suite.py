@@ -176,10 +176,12 @@ def parse_suite(data: Any, where: str = "suite") -> Suite:
 
 
 def suite_search_dirs() -> List[str]:
-    """Where a bare suite name is looked up: $RFDS_BENCH_SUITES, then the repository's configs/."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """Where a bare suite name is looked up: $RFDS_BENCH_SUITES, the repository's configs/ (for a
+    source checkout or editable install), then ./configs."""
+    here = os.path.dirname(os.path.realpath(__file__))
     dirs = [d for d in os.environ.get("RFDS_BENCH_SUITES", "").split(os.pathsep) if d]
-    return dirs + [os.path.normpath(os.path.join(here, "..", "..", "..", "configs"))]
+    dirs += [os.path.normpath(os.path.join(here, "..", "..", "..", "configs")), os.path.abspath("configs")]
+    return list(dict.fromkeys(dirs))
 
 
 def find_suite(name_or_path: str) -> str:
