@@ -250,3 +250,13 @@ def test_unet_delta_merge_and_vae_swap(tmp_path, tiny_instaflow_path, backend):
     tiny_unet(seed=1, cross_attention_dim=16).save_pretrained(str(tmp_path / "other" / "unet"))
     with pytest.raises(ValueError, match="shape"):
         InstaFlowBackend(tiny_instaflow_path, device="cpu", unet_delta={**spec, "finetuned": str(tmp_path / "other")})
+
+
+def test_encode_prompts_dispatch_and_cache(tiny_instaflow_path, conds, tmp_path):
+    from threestudio_rfds.text import encode_prompt_pair
+
+    for cache_dir in (None, str(tmp_path), str(tmp_path)):  # computed, stored, then read back
+        c, u = encode_prompt_pair("instaflow", tiny_instaflow_path, "a photo of the cat", device="cpu",
+                                  dtype="fp32", cache_dir=cache_dir)
+        torch.testing.assert_close(c["encoder_hidden_states"], conds[0]["encoder_hidden_states"], rtol=0, atol=0)
+        torch.testing.assert_close(u["encoder_hidden_states"], conds[1]["encoder_hidden_states"], rtol=0, atol=0)
