@@ -190,6 +190,8 @@ def test_bad_inputs_name_the_problem(backend, conds, tiny_instaflow_path):
     c, _ = conds
     with pytest.raises(ValueError, match="x_t must have 4 channels"):
         backend.velocity(torch.randn(1, 3, 8, 8), torch.tensor([0.5]), c)
+    with pytest.raises(ValueError, match=r"t must have shape \[B\] = \[2\]"):
+        backend.velocity(torch.randn(2, 4, 8, 8), torch.tensor(0.5), c)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         backend.velocity(torch.randn(1, 4, 8, 8), torch.tensor([0.5]), {"prompt_embeds": torch.randn(1, 77, 32)})
     with pytest.raises(ValueError, match=r"\[B, L, 32\]"):

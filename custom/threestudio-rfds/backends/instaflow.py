@@ -154,6 +154,8 @@ class InstaFlowBackend:
     # ------------------------------------------------------------------ velocity
     def _unet_velocity(self, x_t: Tensor, t: Tensor, cond: Cond, convention: flow.FlowConvention) -> Tensor:
         check_shape("x_t", x_t, ndim=4, channels=LATENT_CHANNELS)
+        if t.shape != (x_t.shape[0],):
+            raise ValueError(f"t must have shape [B] = [{x_t.shape[0]}], got {tuple(t.shape)}")
         if "encoder_hidden_states" not in cond:
             raise ValueError(f"InstaFlow cond needs key 'encoder_hidden_states' [B, 77, D], got keys {sorted(cond)}")
         ehs = expand_cond(cond, x_t.shape[0])["encoder_hidden_states"]
