@@ -189,3 +189,23 @@ def test_noise_regulariser():
     out = R.irfds_loss(mixture(), torch.zeros(4, 2), e[:, :2], labels(4, 1), reg_weight=0.0)
     out_reg = R.irfds_loss(mixture(), torch.zeros(4, 2), e[:, :2], labels(4, 1), reg_weight=2.0, t=out.t)
     torch.testing.assert_close(out_reg.loss - out.loss, 2.0 * R.noise_regulariser(e[:, :2]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda():
+    """Device handling: generators, CPU time grids and the analytic model's CPU parameters."""
+    dev = torch.device("cuda")
+    m = mixture(flow.sd3_convention(3.0))
+    x0 = torch.randn(B, 2, device=dev, requires_grad=True)
+    c, u = {"label": torch.ones(B, dtype=torch.long, device=dev)}, {"label": torch.full((B,), -1, device=dev)}
+    g = torch.Generator(device=dev).manual_seed(0)
+    for fn in (R.rfds, R.rfds_rev):
+        out = fn(m, x0, c, u, 3.0, weighting="sigmoid", generator=g)
+        out.loss.backward()
+        assert out.grad.device.type == "cuda" and x0.grad.device.type == "cuda"
+        assert all(v.device.type == "cuda" for v in out.logs().values())
+    eps = torch.zeros(B, 2, device=dev, requires_grad=True)
+    R.irfds_loss(m, x0.detach(), eps, c, generator=g).loss.backward()
+    assert eps.grad.device.type == "cuda"
+    x = flow.euler_sample(lambda x, t: m.velocity(x, t, c), torch.randn(B, 2, device=dev), flow.time_grid(4))
+    assert x.device.type == "cuda" and torch.isfinite(x).all()

@@ -188,6 +188,7 @@ def euler_sample(
     if timesteps.ndim != 1 or timesteps.numel() < 2:
         raise ValueError(f"timesteps must be a 1-D tensor with >= 2 entries, got shape {tuple(timesteps.shape)}")
     check_time("timesteps", timesteps)
+    timesteps = timesteps.to(x.device)  # a CPU grid may drive a CUDA sample
     b = x.shape[0]
     for i in range(timesteps.numel() - 1):
         t = timesteps[i].expand(b)
