@@ -51,6 +51,14 @@ def merge_unet_delta(unet: torch.nn.Module, delta: Dict[str, Tensor], alpha: flo
     return unet
 
 
+def _check_delta_spec(spec) -> None:
+    if not isinstance(spec, dict) or not {"base", "finetuned"} <= set(spec) or set(spec) - {"base", "finetuned", "alpha"}:
+        raise ValueError(
+            "unet_delta must be a dict with keys 'base' and 'finetuned' (and optional 'alpha'), "
+            f"e.g. {REFERENCE_DELTA}; got {spec!r}"
+        )
+
+
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     module.to(device)
     if any(p.dtype != dtype for p in module.parameters()):
@@ -64,6 +72,17 @@ class InstaFlowBackend:
 
     Condition: ``{"encoder_hidden_states": [B, 77, D]}`` (CLIP ViT-L last hidden state, D = 768),
     see :func:`threestudio_rfds.text.clip.encode_clip_prompts`.
+
+    Args:
+        pretrained_model_name_or_path: hub id or local diffusers folder (``unet`` and ``vae`` are loaded).
+        device, dtype: "auto" → cuda/bf16 when available, else cpu/fp32; "fp16"/"fp32"/"bf16".
+        time_convention: "model" (timestep 1000·t) or "reference" (the paper's code: 1000·(1 − t)).
+        latent_rule, latent_size: "resize" renders to ``latent_size`` first (reference: 512²) or
+            encode them at their own size ("native", multiples of 8).
+        unet_delta: opt-in ``{"base", "finetuned"[, "alpha"]}``: W += α·(W_finetuned − W_base) (reference:
+            :data:`REFERENCE_DELTA`); both UNets are fetched only when named here.
+        vae_path, vae_subfolder: take the VAE from another model (the reference uses the fine-tune's).
+        compile: ``torch.compile`` the UNet in place.
     """
 
     latent_channels = LATENT_CHANNELS
@@ -86,6 +105,8 @@ class InstaFlowBackend:
     ):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
+        if unet_delta is not None:
+            _check_delta_spec(unet_delta)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         kw = {"revision": revision}
@@ -110,23 +131,18 @@ class InstaFlowBackend:
         time_convention: str = "model",
         latent_rule: str = "resize",
         latent_size: Tuple[int, int] = (512, 512),
-        name: str = "modules",
+        model_id: str = "modules",
     ) -> "InstaFlowBackend":
         """Wrap already-built modules (benchmarks, tests); device and dtype are the UNet's."""
         self = cls.__new__(cls)
         p = next(unet.parameters())
-        self._setup(unet, vae, p.device, p.dtype, time_convention, latent_rule, latent_size, name=name)
+        self._setup(unet, vae, p.device, p.dtype, time_convention, latent_rule, latent_size, name=model_id)
         return self
 
     @staticmethod
     def _load_delta(spec: dict, local_files_only: Optional[bool]):
         from diffusers import UNet2DConditionModel
 
-        if not isinstance(spec, dict) or not {"base", "finetuned"} <= set(spec) or set(spec) - {"base", "finetuned", "alpha"}:
-            raise ValueError(
-                "unet_delta must be a dict with keys 'base' and 'finetuned' (and optional 'alpha'), "
-                f"e.g. {REFERENCE_DELTA}; got {spec!r}"
-            )
         kw = {"torch_dtype": torch.float32}
         if local_files_only is not None:
             kw["local_files_only"] = local_files_only

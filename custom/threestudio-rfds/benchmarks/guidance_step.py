@@ -81,7 +81,7 @@ def build(model: str, device: torch.device, dtype: torch.dtype, resolution: int,
     else:
         net = _random(UNet2DConditionModel, net_cfg, device, dtype)
         backend = InstaFlowBackend.from_modules(net, vae, latent_rule="resize", latent_size=(resolution, resolution),
-                                                name=MODEL_NAMES[model])
+                                                model_id=MODEL_NAMES[model])
         conds = [{"encoder_hidden_states": randn(1, 77, net_cfg["cross_attention_dim"])} for _ in range(2)]
     return backend, conds[0], conds[1]
 
