@@ -122,3 +122,20 @@ def test_check_helpers():
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
         checks.check_time("t", torch.tensor([1.0001]))
     checks.check_time("t", torch.tensor([0.0, 1.0]))
+
+
+class Exploding:
+    """A velocity model that must never be called."""
+
+    convention = flow.sd3_convention()
+
+    def velocity(self, x_t, t, cond):
+        raise AssertionError("the model was called before the options were checked")
+
+
+@pytest.mark.parametrize("fn", [R.rfds, R.rfds_rev])
+@pytest.mark.parametrize("kw", [dict(weighting="bogus"), dict(grad_clip=-1.0), dict(t=torch.tensor([2.0, 0.5])),
+                                dict(min_step_percent=0.9, max_step_percent=0.1)])
+def test_options_are_checked_before_the_model_runs(fn, kw):
+    with pytest.raises(ValueError):
+        _rfds(Exploding(), fn, **kw)

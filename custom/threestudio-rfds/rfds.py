@@ -104,6 +104,13 @@ def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], check_
             check_finite("eps", eps)
 
 
+def _check_options(weighting: str, grad_clip: Optional[float]) -> None:
+    """Fail before any model call on a bad option."""
+    check_choice("weighting", weighting, WEIGHTINGS)
+    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or grad_clip <= 0):
+        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
+
+
 def _draw(model: VelocityModel, x0: Tensor, t, eps, min_step_percent, max_step_percent, generator):
     if t is None:
         check_range("min_step_percent", min_step_percent, 0.0, 1.0)
@@ -161,6 +168,7 @@ def rfds(
     generator: Optional[torch.Generator] = None,
 ) -> RFDSOutput:
     """Rectified-flow score distillation: draw t and ε, return the RFDS loss on x0 (§3)."""
+    _check_options(weighting, grad_clip)
     _check_inputs(x0, t, eps)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     return rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
@@ -283,6 +291,7 @@ def rfds_rev(
     if isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 0:
         raise ValueError(f"n_inner must be an integer >= 0, got {n_inner!r}")
     check_step_size("inner_step", inner_step)
+    _check_options(weighting, grad_clip)
     _check_inputs(x0, t, eps)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     x0_ = x0.detach()
