@@ -4,7 +4,8 @@ test renders in threestudio's layout ``<exp_root_dir>/<name>/<tag>/save/it<N>-te
 
 The fake's behaviour is steered by the prompt: ``FAIL`` → exits 1 after printing an error;
 ``KILL`` → if the file ``kill-flag`` exists in the checkout, deletes it and SIGKILLs its parent
-(the benchmark runner), simulating a crash mid-benchmark.  Every call is appended to ``calls.jsonl``.
+(the benchmark runner), simulating a crash mid-benchmark; ``SLOW`` → if ``slow-flag`` exists, deletes it,
+creates ``sleeping`` and sleeps (for Ctrl-C tests).  Every call is appended to ``calls.jsonl``.
 """
 import os
 import textwrap
@@ -34,6 +35,11 @@ FAKE_LAUNCH = textwrap.dedent(
         print("Traceback (most recent call last):")
         print("RuntimeError: fake launch failed for " + prompt)
         sys.exit(1)
+    if "SLOW" in prompt and os.path.exists(os.path.join(here, "slow-flag")):
+        os.remove(os.path.join(here, "slow-flag"))
+        open(os.path.join(here, "sleeping"), "w").close()
+        import time
+        time.sleep(120)
     flag = os.path.join(here, "kill-flag")
     if "KILL" in prompt and os.path.exists(flag):
         os.remove(flag)

@@ -81,6 +81,27 @@ def test_crash_mid_benchmark_resumes_without_redoing(fake, tmp_path):
     assert "1 already finished" in p.stdout
 
 
+def test_ctrl_c_records_interrupted_and_resumes(fake, tmp_path):
+    import signal
+    import time
+
+    ts, out = fake
+    suite = write_suite(str(tmp_path / "s.yaml"), ["first", "SLOW second", "third"])
+    open(os.path.join(ts, "slow-flag"), "w").close()
+    cmd = [sys.executable, "-m", "threestudio_rfds.bench.cli", "run", suite, "--threestudio", ts, "--out", out]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(ts, "sleeping")) and time.time() < deadline:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)  # Ctrl-C reaches the runner, which stops its child
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "run the same command again to resume" in err
+    state = Ledger(os.path.join(out, "ledger.jsonl")).state()
+    assert sorted(r["status"] for r in state.values()) == ["done", "interrupted"]
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    assert [x["prompt"] for x in calls(ts)] == ["first", "SLOW second", "SLOW second", "third"]
+
+
 def test_relative_out_dir(fake, tmp_path, monkeypatch):
     ts, _ = fake
     suite = write_suite(str(tmp_path / "s.yaml"), ["a red panda"])
