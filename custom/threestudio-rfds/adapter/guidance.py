@@ -132,6 +132,8 @@ class RFDSGuidanceBase(BaseModule):
             return x.to(be.device)
         if x.shape[1] != 3:
             raise ValueError(f"rgb must have 3 channels (or pass rgb_as_latents=True), got shape {tuple(rgb.shape)}")
+        if self.generator is not None and "generator" in inspect.signature(be.encode).parameters:
+            return be.encode(x.to(be.device), generator=self.generator).float()  # seeded VAE sample
         return be.encode(x.to(be.device)).float()
 
     def conditions(self, prompt_utils, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor):
