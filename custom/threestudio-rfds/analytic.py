@@ -95,9 +95,12 @@ class GaussianMixtureFlow(AnalyticFlow):
         self.means = _as_matrix("means", means)
         k, self.dim = self.means.shape
         s = torch.as_tensor(stds, dtype=torch.float64)
-        s = s.reshape(k, 1) if s.ndim == 1 and s.shape[0] == k and k > 1 else s  # one std per component
-        self.stds = _as_matrix("stds", s.expand(k, self.dim) if s.ndim == 0 or s.shape[-1] == 1 else s, self.dim)
-        self.stds = self.stds.expand(k, self.dim).clone()
+        if s.ndim == 1 and k > 1 and s.shape[0] == k:
+            s = s[:, None]  # one std per component
+        try:
+            self.stds = torch.broadcast_to(s, (k, self.dim)).clone()
+        except RuntimeError:
+            raise ValueError(f"stds must be a number, [K] or [K, D] = [{k}, {self.dim}], got {tuple(s.shape)}") from None
         if not (self.stds > 0).all():
             raise ValueError("stds must be > 0")
         w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
