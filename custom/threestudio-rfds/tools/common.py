@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
