@@ -250,3 +250,18 @@ def test_reference_aliases_use_reference_semantics(ts, tiny_sd3_path, tiny_insta
     cfg = {"pretrained_model_name_or_path": tiny_instaflow_path, "prompt": "a dog", "spawn": False}
     out = rev(torch.rand(4, 32, 32, 3), ts.find("rfds-instaflow-prompt-processor")(cfg)(), **batch)
     assert "loss_rfds_rev" in out  # the reference's configs weight it by lambda_rfds_rev
+
+
+@pytest.mark.parametrize("kind", ["rfds-sd3-guidance", "rfds-rev-instaflow-guidance"])
+def test_sample_for_visualisation(ts, workdir, tiny_sd3_path, tiny_instaflow_path, sd3_utils, batch, kind):
+    if "instaflow" in kind:
+        cfg = {"pretrained_model_name_or_path": tiny_instaflow_path, "prompt": "a dog", "spawn": False}
+        pu, g = ts.find("rfds-instaflow-prompt-processor")(cfg)(), guidance(ts, kind, tiny_instaflow_path)
+        size = 64  # latent_size under the resize rule
+    else:
+        pu, g, size = sd3_utils, guidance(ts, kind, tiny_sd3_path, sample_num_steps=3, sample_guidance_scale=5.0), 32
+    a = g.sample(pu, **batch, seed=3)
+    b = g.sample(pu, **batch, seed=3)
+    c = g.sample(pu, **batch, seed=4)
+    assert a.shape == (4, size, size, 3) and 0 <= a.min() and a.max() <= 1
+    assert torch.allclose(a, b) and not torch.allclose(a, c)

@@ -64,6 +64,8 @@ class RFDSGuidanceBase(BaseModule):
         seed: Optional[int] = None  # seed of the guidance's own generator (t, ε, weights)
         max_items_eval: int = 4
         eval_num_steps: int = 20
+        sample_num_steps: Optional[int] = None  # sample(): None = the backend's default (SD3 28, InstaFlow 1)
+        sample_guidance_scale: Optional[float] = None  # sample(): None = the current guidance_scale
 
     cfg: Config
 
@@ -136,15 +138,18 @@ class RFDSGuidanceBase(BaseModule):
             return be.encode(x.to(be.device), generator=self.generator).float()  # seeded VAE sample
         return be.encode(x.to(be.device)).float()
 
-    def conditions(self, prompt_utils, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor):
-        """(cond, uncond, negatives [B,K,…] or None, perp-neg weights [B,K] or None)."""
+    def conditions(self, prompt_utils, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor,
+                   perp_neg: Optional[bool] = None):
+        """(cond, uncond, negatives [B,K,…] or None, perp-neg weights [B,K] or None).
+
+        ``perp_neg`` defaults to the prompt processor's ``use_perp_neg``."""
         seq, pooled = self.cond_keys
         vd = self.cfg.view_dependent_prompting
         if pooled is not None and not getattr(prompt_utils, "has_pooled", False):
             raise ValueError(f"{type(self).__name__} needs pooled text embeddings: use "
                              f"prompt_processor_type 'rfds-sd3-prompt-processor', got {type(prompt_utils).__name__}")
         dev, b = self.backend.device, elevation.shape[0]
-        if prompt_utils.use_perp_neg:
+        if prompt_utils.use_perp_neg if perp_neg is None else perp_neg:
             if not vd:
                 raise ValueError("use_perp_neg needs view_dependent_prompting=True")
             emb, weights = prompt_utils.get_text_embeddings_perp_neg(elevation, azimuth, camera_distances, vd)
@@ -220,6 +225,24 @@ class RFDSGuidanceBase(BaseModule):
                            for n, e, a, c in zip(ev["noise_levels"], elevation, azimuth, camera_distances)]
             guidance_out["eval"] = ev
         return guidance_out
+
+
+    @torch.no_grad()
+    def sample(self, prompt_utils, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor, seed: int = 0,
+               **kwargs) -> Tensor:
+        """Images [B, H, W, 3] in [0, 1] of the flow model's own ODE sampler for the batch's view
+        prompts (for systems' ``visualize_samples``); H, W from the batch's height/width under the
+        latent rule (512 when absent)."""
+        be = self.backend
+        cond, uncond, _, _ = self.conditions(prompt_utils, elevation, azimuth, camera_distances, perp_neg=False)
+        h, w = be.latent_shape(int(kwargs.get("height", 512)), int(kwargs.get("width", 512)))
+        f = be.vae_scale_factor
+        scale = self.guidance_scale if self.cfg.sample_guidance_scale is None else self.cfg.sample_guidance_scale
+        steps = {} if self.cfg.sample_num_steps is None else {"num_inference_steps": self.cfg.sample_num_steps}
+        with torch.autocast(self.device.type, enabled=False):
+            latents = be.sample(cond, uncond, scale, generator=torch.Generator("cpu").manual_seed(seed),
+                                height=h * f, width=w * f, **steps)
+            return be.decode(latents).float().permute(0, 2, 3, 1)
 
 
 class _RevMixin:
