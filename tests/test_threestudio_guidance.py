@@ -226,7 +226,11 @@ def test_bad_config_and_inputs(ts, tiny_sd3_path, tiny_instaflow_path, batch):
         guidance(ts, "rfds-sd3-guidance", tiny_sd3_path, cfg_mode="parallel")
     with pytest.raises(ValueError, match="time_convention"):
         guidance(ts, "rfds-sd3-guidance", tiny_sd3_path, time_convention="paper")
-    g = guidance(ts, "rfds-rev-sd3-guidance", tiny_sd3_path, n_inner_steps=-1)
+    with pytest.raises(ValueError, match="n_inner_steps must be an integer >= 0, got -1"):
+        guidance(ts, "rfds-rev-sd3-guidance", tiny_sd3_path, n_inner_steps=-1)
+    with pytest.raises(ValueError, match="inner_step_size must be 'auto' or a number > 0"):
+        guidance(ts, "rfds-rev-sd3-guidance", tiny_sd3_path, inner_step_size=0.0)
+    g = guidance(ts, "rfds-rev-sd3-guidance", tiny_sd3_path)
     cfg = {"pretrained_model_name_or_path": tiny_instaflow_path, "prompt": "a dog", "spawn": False}
     clip_utils = ts.find("rfds-instaflow-prompt-processor")(cfg)()
     with pytest.raises(ValueError, match="rfds-sd3-prompt-processor"):

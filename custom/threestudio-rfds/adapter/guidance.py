@@ -84,6 +84,7 @@ class RFDSGuidanceBase(BaseModule):
         check_choice("weighting", c.weighting, core.WEIGHTINGS)
         check_choice("cfg_mode", c.cfg_mode, CFG_MODES)
         check_choice("time_convention", c.time_convention, ("model", "reference"))
+        self.rev_options()  # validates the RFDS-Rev options before the model is loaded
         if not c.pretrained_model_name_or_path:
             raise ValueError(f"{type(self).__name__}: set guidance.pretrained_model_name_or_path (hub id or folder)")
         cls = backend_class(self.backend_name)
@@ -225,7 +226,6 @@ class RFDSGuidanceBase(BaseModule):
                            for n, e, a, c in zip(ev["noise_levels"], elevation, azimuth, camera_distances)]
             guidance_out["eval"] = ev
         return guidance_out
-
 
     @torch.no_grad()
     def sample(self, prompt_utils, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor, seed: int = 0,
