@@ -55,3 +55,15 @@ def check_batch(names: Sequence[str], *tensors: Tensor) -> int:
         desc = ", ".join(f"{n}={s}" for n, s in zip(names, sizes))
         raise ValueError(f"batch sizes must match, got {desc}")
     return sizes[0]
+
+
+def deferred_check_finite(name: str, x: Tensor):
+    """Queue the finiteness test of ``x`` now, without a host sync; the returned function raises
+    the :func:`check_finite` error when called (call it after the step's kernels are queued)."""
+    ok = torch.isfinite(x).all()
+
+    def check() -> None:
+        if not bool(ok):
+            check_finite(name, x)
+
+    return check

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import flow
-from .checks import check_batch, check_choice, check_finite, check_range, check_time
+from .checks import check_batch, check_choice, check_finite, check_range, check_time, deferred_check_finite
 from .protocol import Cond, VelocityModel, cfg_velocity, expand_cond
 
 Weighting = Literal["none", "sigmoid", "sds"]
@@ -104,6 +104,16 @@ def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], check_
             check_finite("eps", eps)
 
 
+def _check_inputs_deferred(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor]):
+    """Shape checks now; the finiteness of x0 is tested without a host sync and raised by the
+    returned function, which the step calls after queuing its model calls (on CUDA the VAE
+    encode then overlaps with launching the denoiser)."""
+    _check_inputs(x0, t, None if eps is None else eps, check_values=False)
+    if eps is not None:
+        check_finite("eps", eps)
+    return deferred_check_finite("x0", x0)
+
+
 def _check_options(weighting: str, grad_clip: Optional[float]) -> None:
     """Fail before any model call on a bad option."""
     check_choice("weighting", weighting, WEIGHTINGS)
@@ -169,10 +179,12 @@ def rfds(
 ) -> RFDSOutput:
     """Rectified-flow score distillation: draw t and ε, return the RFDS loss on x0 (§3)."""
     _check_options(weighting, grad_clip)
-    _check_inputs(x0, t, eps)
+    check_x0 = _check_inputs_deferred(x0, t, eps)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
-    return rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
-                           grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
+    out = rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
+                          grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
+    check_x0()
+    return out
 
 
 # ---------------------------------------------------------------- iRFDS (§4)
@@ -292,13 +304,15 @@ def rfds_rev(
         raise ValueError(f"n_inner must be an integer >= 0, got {n_inner!r}")
     check_step_size("inner_step", inner_step)
     _check_options(weighting, grad_clip)
-    _check_inputs(x0, t, eps)
+    check_x0 = _check_inputs_deferred(x0, t, eps)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     x0_ = x0.detach()
     for _ in range(n_inner):
         eps = _irfds_step(model, x0_, eps, t, cond, inner_step)
-    return rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
-                           grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
+    out = rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
+                          grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
+    check_x0()
+    return out
 
 
 ALGORITHMS = ("rfds", "rfds-rev")

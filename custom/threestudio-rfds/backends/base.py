@@ -87,3 +87,30 @@ def prepare_rgb(rgb: Tensor, rule: str, size: Optional[Tuple[int, int]], multipl
             f"use latent_rule='resize' with a size that is, or render at a multiple of {multiple}"
         )
     return rgb.clamp(0, 1) * 2.0 - 1.0
+
+
+# ---------------------------------------------------------------- speed / memory options
+COMPILE_MODES = (False, True, "default", "max-autotune-no-cudagraphs")
+
+
+def configure_vae(vae: torch.nn.Module, *, channels_last: bool, checkpointing: bool) -> None:
+    """Channels-last weights (tensor-core convolutions without layout transposes on CUDA) and,
+    for small GPUs, gradient checkpointing of the encoder (recomputes activations in backward)."""
+    if channels_last:
+        vae.to(memory_format=torch.channels_last)
+    if checkpointing:
+        vae.enable_gradient_checkpointing()
+
+
+def vae_input(x: Tensor, channels_last: bool) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def maybe_compile(module: torch.nn.Module, compile: Union[bool, str]) -> None:
+    """``torch.compile`` the denoiser in place: True/"default" or "max-autotune-no-cudagraphs".
+
+    CUDA-graph modes are not offered: RFDS-Rev calls the denoiser at two batch sizes per step and
+    keeps the first output, which cudagraph replays would overwrite."""
+    check_choice("compile", compile, COMPILE_MODES)
+    if compile:
+        module.compile(mode=None if compile in (True, "default") else compile)

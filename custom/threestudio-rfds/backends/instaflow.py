@@ -16,7 +16,8 @@ from torch import Tensor
 from .. import flow
 from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import load_component, prepare_rgb, resolve_device, resolve_dtype
+from .base import (COMPILE_MODES, configure_vae, load_component, maybe_compile, prepare_rgb, resolve_device,
+                   resolve_dtype, vae_input)
 
 DEFAULT_MODEL = "XCLIU/2_rectified_flow_from_sd_1_5"
 REFERENCE_DELTA = {"base": "runwayml/stable-diffusion-v1-5", "finetuned": "Lykon/absolute-reality-1.81"}
@@ -82,7 +83,9 @@ class InstaFlowBackend:
         unet_delta: opt-in ``{"base", "finetuned"[, "alpha"]}``: W += α·(W_finetuned − W_base) (reference:
             :data:`REFERENCE_DELTA`); both UNets are fetched only when named here.
         vae_path, vae_subfolder: take the VAE from another model (the reference uses the fine-tune's).
-        compile: ``torch.compile`` the UNet in place.
+        compile: ``torch.compile`` the UNet in place (True or "max-autotune-no-cudagraphs"; docs/performance.md).
+        vae_channels_last: channels-last VAE (None: on for CUDA).
+        vae_checkpointing: gradient checkpointing in the VAE encoder (memory-lean mode).
     """
 
     latent_channels = LATENT_CHANNELS
@@ -101,7 +104,9 @@ class InstaFlowBackend:
         unet_delta: Optional[dict] = None,
         vae_path: Optional[str] = None,
         vae_subfolder: Optional[str] = "vae",
-        compile: bool = False,
+        compile: Union[bool, str] = False,
+        vae_channels_last: Optional[bool] = None,
+        vae_checkpointing: bool = False,
     ):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -118,9 +123,8 @@ class InstaFlowBackend:
         if unet_delta:
             merge_unet_delta(unet, *self._load_delta(unet_delta, local_files_only))
         vae = load_component(AutoencoderKL, vae_path or path, vae_subfolder if vae_path else "vae", torch_dtype=dt, **kw)
-        self._setup(unet, vae, dev, dt, time_convention, latent_rule, latent_size, name=path)
-        if compile:  # torch.compile the UNet in place (H100, 512²: RFDS step 62 → 54 ms, docs/backends.md)
-            self.unet.compile()
+        self._setup(unet, vae, dev, dt, time_convention, latent_rule, latent_size, name=path,
+                    compile=compile, vae_channels_last=vae_channels_last, vae_checkpointing=vae_checkpointing)
 
     @classmethod
     def from_modules(
@@ -132,11 +136,15 @@ class InstaFlowBackend:
         latent_rule: str = "resize",
         latent_size: Tuple[int, int] = (512, 512),
         model_id: str = "modules",
+        compile: Union[bool, str] = False,
+        vae_channels_last: Optional[bool] = None,
+        vae_checkpointing: bool = False,
     ) -> "InstaFlowBackend":
         """Wrap already-built modules (benchmarks, tests); device and dtype are the UNet's."""
         self = cls.__new__(cls)
         p = next(unet.parameters())
-        self._setup(unet, vae, p.device, p.dtype, time_convention, latent_rule, latent_size, name=model_id)
+        self._setup(unet, vae, p.device, p.dtype, time_convention, latent_rule, latent_size, name=model_id,
+                    compile=compile, vae_channels_last=vae_channels_last, vae_checkpointing=vae_checkpointing)
         return self
 
     @staticmethod
@@ -153,8 +161,10 @@ class InstaFlowBackend:
         gc.collect()
         return delta, float(spec.get("alpha", 1.0))
 
-    def _setup(self, unet, vae, device, dtype, time_convention, latent_rule, latent_size, name) -> None:
+    def _setup(self, unet, vae, device, dtype, time_convention, latent_rule, latent_size, name, *,
+               compile=False, vae_channels_last=None, vae_checkpointing=False) -> None:
         check_choice("latent_rule", latent_rule, ("native", "resize"))
+        check_choice("compile", compile, COMPILE_MODES)
         for what, n in (("UNet in_channels", unet.config.in_channels), ("VAE latent_channels", vae.config.latent_channels)):
             if n != LATENT_CHANNELS:
                 raise ValueError(f"{name!r}: {what} is {n}, InstaFlow/SD1.5 latents have {LATENT_CHANNELS} channels")
@@ -166,6 +176,9 @@ class InstaFlowBackend:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.cross_attention_dim = int(unet.config.cross_attention_dim)
+        self.vae_channels_last = self.device.type == "cuda" if vae_channels_last is None else bool(vae_channels_last)
+        configure_vae(self.vae, channels_last=self.vae_channels_last, checkpointing=vae_checkpointing)
+        maybe_compile(self.unet, compile)
 
     # ------------------------------------------------------------------ velocity
     def _unet_velocity(self, x_t: Tensor, t: Tensor, cond: Cond, convention: flow.FlowConvention) -> Tensor:
@@ -198,7 +211,7 @@ class InstaFlowBackend:
     def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """z = 0.18215 · sample(VAE.enc(2·rgb − 1)), differentiable wrt rgb [B,3,H,W] in [0,1]."""
         x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor)
-        posterior = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
+        posterior = self.vae.encode(vae_input(x.to(self.device, self.dtype), self.vae_channels_last)).latent_dist
         return (posterior.sample(generator) * self.scaling_factor).to(rgb.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
