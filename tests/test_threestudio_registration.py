@@ -112,3 +112,48 @@ def test_spawned_prompt_encoding_fills_threestudios_cache(ts, tiny_sd3_path, tmp
     assert torch.equal(again.pooled_embeddings_vd, pu.pooled_embeddings_vd)
     other = ts.find("rfds-sd3-prompt-processor")({**cfg, "spawn": False, "max_sequence_length": 8})
     assert other._cache_dir != proc._cache_dir and other().text_embeddings.shape == (1, 77 + 8, 48)
+
+
+NOT_INSTALLED_SCRIPT = r'''
+import importlib.util, os, sys
+# hide an editable install of threestudio_rfds: the folder is then only a threestudio extension
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f)]
+sys.path_importer_cache.clear()
+
+def main(root, placeholders, package_dir, model, workdir):
+    if importlib.util.find_spec("threestudio_rfds") is not None:
+        sys.exit(3)  # installed in a way this script cannot hide
+    sys.path.insert(0, root)
+    sys.path.append(placeholders)
+    import threestudio
+    spec = importlib.util.spec_from_file_location("threestudio_launch", os.path.join(root, "launch.py"))
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    assert launch.load_custom_module(package_dir)
+    os.chdir(workdir)
+    cfg = {"pretrained_model_name_or_path": model, "prompt": "a dog", "spawn": True, "encode_dtype": "fp32"}
+    out = threestudio.find("rfds-instaflow-prompt-processor")(cfg)()
+    print("SHAPE", tuple(out.text_embeddings.shape))
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
+'''
+
+
+def test_spawn_works_when_the_folder_is_only_cloned_into_custom(ts, tiny_instaflow_path, tmp_path):
+    """launch.py loads custom/threestudio-rfds by file path; threestudio's spawn child must still
+    find the encoding function (it imports it as threestudio_rfds.adapter.cache_worker)."""
+    import subprocess
+    import sys
+
+    from ts_support import PLACEHOLDERS
+
+    script = tmp_path / "not_installed.py"
+    script.write_text(NOT_INSTALLED_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, str(script), threestudio_root(), PLACEHOLDERS, PACKAGE_DIR,
+                        tiny_instaflow_path, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    if r.returncode == 3:
+        pytest.skip("threestudio_rfds is installed non-editably here; cannot simulate a clone into custom/")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SHAPE (1, 77, 32)" in r.stdout

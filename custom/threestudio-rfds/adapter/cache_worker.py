@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from functools import partial
 from typing import Callable, Dict, List
@@ -60,4 +61,37 @@ def encode_to_threestudio_cache(
 
 def spawn_target(family: str, options: Dict) -> Callable[[str, List[str], str], None]:
     """A picklable ``spawn_func(model, prompts, cache_dir)`` bound to one encoder setting."""
+    ensure_importable_by_name()
     return partial(encode_to_threestudio_cache, family, dict(options))
+
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _findable_by_name() -> bool:
+    """Whether a fresh interpreter with this sys.path finds this folder as ``threestudio_rfds``."""
+    for finder in sys.meta_path:
+        try:
+            spec = finder.find_spec("threestudio_rfds", None)
+        except (AttributeError, ImportError, ValueError, TypeError):
+            continue
+        if spec is not None and spec.origin:
+            return os.path.realpath(os.path.dirname(spec.origin)) == os.path.realpath(PACKAGE_DIR)
+    return False
+
+
+def ensure_importable_by_name() -> None:
+    """Let spawned children ``import threestudio_rfds`` when this process loaded the package
+    from its ``custom/threestudio-rfds`` folder by file path (no ``pip install``): a link named
+    ``threestudio_rfds`` in a temporary folder, appended to sys.path (which children inherit)."""
+    if _findable_by_name():
+        return
+    root = os.path.join(tempfile.gettempdir(), "threestudio-rfds-" + hashlib.sha1(PACKAGE_DIR.encode()).hexdigest()[:10])
+    os.makedirs(root, exist_ok=True)
+    link = os.path.join(root, "threestudio_rfds")
+    try:
+        os.symlink(PACKAGE_DIR, link, target_is_directory=True)
+    except FileExistsError:
+        pass
+    if root not in sys.path:
+        sys.path.append(root)
