@@ -225,3 +225,27 @@ def test_options_tag_separates_settings():
     assert a == options_tag("sd3", {"max_sequence_length": 256, "use_t5": True})
     assert a != options_tag("sd3", {"use_t5": False, "max_sequence_length": 256})
     assert a != options_tag("instaflow", {"use_t5": True, "max_sequence_length": 256})
+
+
+# ---------------------------------------------------------------- CPU placeholders
+def _load(name, path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_placeholders_raise_when_used():
+    here = os.path.join(os.path.dirname(__file__), "placeholders")
+    tcnn = _load("placeholder_tinycudann", os.path.join(here, "tinycudann.py"))
+    assert tcnn.free_temporary_memory() is None  # what threestudio's cleanup() calls
+    with pytest.raises(RuntimeError, match="tinycudann.Encoding is not available"):
+        tcnn.Encoding
+    assert not hasattr(tcnn, "__path__")  # dunder look-ups stay AttributeErrors
+    dr = _load("placeholder_nvdiffrast_torch", os.path.join(here, "nvdiffrast", "torch.py"))
+    with pytest.raises(RuntimeError, match="RasterizeCudaContext is not available"):
+        dr.RasterizeCudaContext(device="cpu")
+    with pytest.raises(RuntimeError, match="nvdiffrast.rasterize is not available"):
+        dr.rasterize
