@@ -27,7 +27,7 @@ def ts():
     return threestudio_or_skip()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def workdir(tmp_path_factory):
     """threestudio writes its prompt cache under the current folder: use a private one."""
     old = os.getcwd()

@@ -20,7 +20,7 @@ def ts():
     return threestudio_or_skip()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def workdir(tmp_path_factory):
     old = os.getcwd()
     d = tmp_path_factory.mktemp("ts-guidance")
