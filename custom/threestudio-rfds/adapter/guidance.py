@@ -11,6 +11,7 @@ prompt_utils, elevation, azimuth, camera_distances, rgb_as_latents=False, guidan
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
@@ -59,7 +60,8 @@ class RFDSGuidanceBase(BaseModule):
         latent_rule: str = "native"  # native: encode at render size; resize: to latent_size first
         latent_size: Optional[List[int]] = None
         view_dependent_prompting: bool = True
-        compile: bool = False  # torch.compile the flow model when the backend supports it
+        compile: Any = False  # torch.compile the flow model (true or a mode) when the backend supports it
+        backend_options: Optional[Dict[str, Any]] = None  # other keyword arguments of the backend class
         local_files_only: Optional[bool] = None
         seed: Optional[int] = None  # seed of the guidance's own generator (t, ε, weights)
         max_items_eval: int = 4
@@ -88,12 +90,12 @@ class RFDSGuidanceBase(BaseModule):
         if not c.pretrained_model_name_or_path:
             raise ValueError(f"{type(self).__name__}: set guidance.pretrained_model_name_or_path (hub id or folder)")
         cls = backend_class(self.backend_name)
-        kw = self.backend_kwargs()
+        kw = {**self.backend_kwargs(), **(dict(c.backend_options) if c.backend_options else {})}
         if c.compile:
             if "compile" in inspect.signature(cls.__init__).parameters:
-                kw["compile"] = True
+                kw["compile"] = c.compile
             else:
-                threestudio.warn(f"{cls.__name__} does not support compile=True; running eagerly")
+                warnings.warn(f"{cls.__name__} does not support compile; running eagerly", RuntimeWarning, stacklevel=2)
         threestudio.info(f"Loading {self.backend_name} flow model {c.pretrained_model_name_or_path} on {self.device}")
         # a plain object, not a submodule: its weights stay out of threestudio's checkpoints
         self.backend = cls(**kw)
