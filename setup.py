@@ -42,6 +42,7 @@ setup(
         "tqdm>=4.60",
         "pillow>=9",
         "filelock>=3.12",
+        "packaging>=21",
     ],
     extras_require={
         "test": [
