@@ -101,6 +101,8 @@ def test_encode_applies_shift_and_scale(backend, tiny_sd3_path):
     raw = backend.vae.encode(rgb * 2 - 1).latent_dist.mean
     torch.testing.assert_close(mean_backend.encode(rgb), (raw - 0.0609) * 1.5305)
     assert not torch.equal(backend.encode(rgb), backend.encode(rgb))  # "sample" draws from the posterior
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    torch.testing.assert_close(backend.encode(rgb, g()), backend.encode(rgb, g()))
 
 
 def test_resize_rule(tiny_sd3_path):

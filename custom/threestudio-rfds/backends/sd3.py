@@ -16,7 +16,8 @@ from torch import Tensor
 from .. import flow
 from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import load_component, prepare_rgb, resolve_device, resolve_dtype
+from .base import (COMPILE_MODES, configure_vae, load_component, maybe_compile, prepare_rgb, resolve_device,
+                   resolve_dtype, vae_input)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 LATENT_CHANNELS = 16
@@ -61,6 +62,10 @@ class SD3Backend:
         latent_rule: "native" encodes renders at their own size (multiple of the VAE factor,
             8 for SD3: 256² → 32²); "resize" resizes to ``latent_size`` (H, W) first.
         encode_mode: "sample" draws z from the VAE posterior (as the paper's code), "mean" uses its mean.
+        compile: ``torch.compile`` the transformer in place (True or "max-autotune-no-cudagraphs";
+            docs/performance.md gives the gain and the warm-up cost).
+        vae_channels_last: channels-last VAE (None: on for CUDA).
+        vae_checkpointing: gradient checkpointing in the VAE encoder (memory-lean mode).
     """
 
     latent_channels = LATENT_CHANNELS
@@ -78,9 +83,13 @@ class SD3Backend:
         encode_mode: str = "sample",
         local_files_only: Optional[bool] = None,
         revision: Optional[str] = None,
+        compile: Union[bool, str] = False,
+        vae_channels_last: Optional[bool] = None,
+        vae_checkpointing: bool = False,
     ):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
+        check_choice("compile", compile, COMPILE_MODES)
         check_choice("latent_rule", latent_rule, ("native", "resize"))
         check_choice("encode_mode", encode_mode, ENCODE_MODES)
         if latent_rule == "resize" and latent_size is None:
@@ -108,6 +117,12 @@ class SD3Backend:
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(self.vae.config.shift_factor or 0.0)
         self.latent_rule, self.latent_size, self.encode_mode = latent_rule, latent_size, encode_mode
+        self._speed_options(compile, vae_channels_last, vae_checkpointing)
+
+    def _speed_options(self, compile, vae_channels_last, vae_checkpointing) -> None:
+        self.vae_channels_last = self.device.type == "cuda" if vae_channels_last is None else bool(vae_channels_last)
+        configure_vae(self.vae, channels_last=self.vae_channels_last, checkpointing=vae_checkpointing)
+        maybe_compile(self.transformer, compile)
 
     @classmethod
     def from_modules(
@@ -122,6 +137,9 @@ class SD3Backend:
         latent_size: Optional[Tuple[int, int]] = None,
         encode_mode: str = "sample",
         model_id: str = "modules",
+        compile: Union[bool, str] = False,
+        vae_channels_last: Optional[bool] = None,
+        vae_checkpointing: bool = False,
     ) -> "SD3Backend":
         """Wrap already-built modules (benchmarks, tests); device and dtype are the transformer's."""
         check_choice("latent_rule", latent_rule, ("native", "resize"))
@@ -138,6 +156,7 @@ class SD3Backend:
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(vae.config.shift_factor or 0.0)
         self.latent_rule, self.latent_size, self.encode_mode = latent_rule, latent_size, encode_mode
+        self._speed_options(compile, vae_channels_last, vae_checkpointing)
         return self
 
     # ------------------------------------------------------------------ velocity
@@ -185,11 +204,13 @@ class SD3Backend:
         f = self.vae_scale_factor
         return height // f, width // f
 
-    def encode(self, rgb: Tensor) -> Tensor:
-        """rgb [B,3,H,W] in [0,1] → z = (E(2·rgb − 1) − shift_factor)·scaling_factor, differentiable."""
+    def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """rgb [B,3,H,W] in [0,1] → z = (E(2·rgb − 1) − shift_factor)·scaling_factor, differentiable.
+
+        E draws from the VAE posterior (``encode_mode="sample"``, with ``generator``) or takes its mean."""
         x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor)
-        posterior = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
-        z = posterior.sample() if self.encode_mode == "sample" else posterior.mean
+        posterior = self.vae.encode(vae_input(x.to(self.device, self.dtype), self.vae_channels_last)).latent_dist
+        z = posterior.sample(generator) if self.encode_mode == "sample" else posterior.mean
         return ((z - self.shift_factor) * self.scaling_factor).to(rgb.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -232,6 +253,7 @@ class SD3Backend:
             latents = randn_tensor((n, LATENT_CHANNELS, h // f, w // f), generator=generator, device=self.device,
                                    dtype=cond["prompt_embeds"].dtype)
         self._check_latents("latents", latents)
+        latents = latents.to(self.device)
         if uncond is None:
             guidance_scale = 1.0
         sigmas = sd3_sigmas(num_inference_steps, self.shift, self.num_train_timesteps).to(latents.device)

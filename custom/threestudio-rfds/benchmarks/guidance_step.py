@@ -60,8 +60,9 @@ def _random(cls, config: dict, device: torch.device, dtype: torch.dtype) -> torc
     return model.to(device).eval()
 
 
-def build(model: str, device: torch.device, dtype: torch.dtype, resolution: int, tiny: bool):
-    """(backend, cond, uncond) for ``model`` ∈ {"sd3", "instaflow"} with random weights and prompts."""
+def build(model: str, device: torch.device, dtype: torch.dtype, resolution: int, tiny: bool, **options):
+    """(backend, cond, uncond) for ``model`` ∈ {"sd3", "instaflow"} with random weights and prompts;
+    ``options`` go to the backend (compile, vae_channels_last, vae_checkpointing)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
     from ..backends.instaflow import InstaFlowBackend
@@ -75,7 +76,8 @@ def build(model: str, device: torch.device, dtype: torch.dtype, resolution: int,
 
     if model == "sd3":
         net = _random(SD3Transformer2DModel, net_cfg, device, dtype)
-        backend = SD3Backend.from_modules(net, vae, shift=3.0, latent_rule="native", model_id=MODEL_NAMES[model])
+        backend = SD3Backend.from_modules(net, vae, shift=3.0, latent_rule="native", model_id=MODEL_NAMES[model],
+                                          **options)
         conds = [{"prompt_embeds": randn(1, 77 + 256, net_cfg["joint_attention_dim"]),
                   "pooled_prompt_embeds": randn(1, net_cfg["pooled_projection_dim"])} for _ in range(2)]
     else:
@@ -128,6 +130,7 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        peak_with_build = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     times = time_steps(step, args.steps, device)
     if not torch.isfinite(rgb.grad).all():
@@ -139,6 +142,9 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
         "median_ms": round(statistics.median(times), 3),
         "min_ms": round(min(times), 3),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        # since the process started: building the weights on the GPU (as loading does) + warm-up steps
+        "peak_mem_with_build_gib": round(max(peak_with_build, torch.cuda.max_memory_allocated(device)) / 2**30, 3)
+        if device.type == "cuda" else None,
         "dtype": str(dtype).replace("torch.", ""),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "resolution": args.resolution,
@@ -146,6 +152,9 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
         "batch": args.batch,
         "cfg_mode": args.cfg_mode,
         "compile": args.compile,
+        "vae_channels_last": backend.vae_channels_last,
+        "vae_checkpointing": args.vae_checkpointing,
+        "label": args.label,
     }
 
 
@@ -159,7 +168,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="renders per step")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer / UNet")
+    p.add_argument("--compile", nargs="?", const=True, default=False,
+                   choices=[True, "default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the transformer / UNet (optionally a mode)")
+    p.add_argument("--vae-channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="channels-last VAE (auto: on for CUDA)")
+    p.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in the VAE encoder")
+    p.add_argument("--label", default="", help="free text copied into each JSON line")
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (seconds; for tests)")
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
     args = p.parse_args(argv)
@@ -184,9 +199,9 @@ def run(args: argparse.Namespace) -> List[Dict]:
         if not algorithms:
             continue
         torch.manual_seed(0)
-        backend, cond, uncond = build(model, device, dtype, args.resolution, args.tiny)
-        if args.compile:
-            denoiser(backend).compile()
+        backend, cond, uncond = build(model, device, dtype, args.resolution, args.tiny, compile=args.compile,
+                                      vae_channels_last={"auto": None, "on": True, "off": False}[args.vae_channels_last],
+                                      vae_checkpointing=args.vae_checkpointing)
         for algorithm in algorithms:
             rec = run_case(backend, model, algorithm, cond, uncond, args, device, dtype)
             print(json.dumps(rec), flush=True)
