@@ -23,7 +23,7 @@ def test_channels_last_and_checkpointing_match_the_plain_encoder(family_path):
     plain = load_backend(family, pretrained_model_name_or_path=path, device="cpu", **extra)
     lean = load_backend(family, pretrained_model_name_or_path=path, device="cpu", vae_channels_last=True,
                         vae_checkpointing=True, **extra)
-    assert plain.vae_channels_last is False and lean.vae_channels_last is True  # CPU default: off
+    assert plain.vae_channels_last is False and lean.vae_channels_last is True
     conv = next(m for m in lean.vae.encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert lean.vae.encoder.gradient_checkpointing

@@ -35,6 +35,14 @@ def test_tiny_sequential_cfg_batch2(capsys):
     assert (r["case"], r["cfg_mode"], r["batch"], r["resolution"]) == ("sd3-rfds-rev", "sequential", 2, 48)
 
 
+def test_speed_options_reach_both_backends(capsys):
+    gs.main(["--tiny", "--cases", "sd3-rfds,instaflow-rfds", "--steps", "1", "--warmup", "0",
+             "--vae-channels-last", "--vae-checkpointing", "--label", "lean"])
+    recs = _lines(capsys)
+    assert [r["case"] for r in recs] == ["sd3-rfds", "instaflow-rfds"]
+    assert all(r["vae_channels_last"] and r["vae_checkpointing"] and r["label"] == "lean" for r in recs)
+
+
 @pytest.mark.parametrize("model,cls", [("sd3", SD3Backend), ("instaflow", InstaFlowBackend)])
 def test_build_wraps_real_backends(model, cls):
     backend, cond, uncond = gs.build(model, torch.device("cpu"), torch.float32, 64, tiny=True)

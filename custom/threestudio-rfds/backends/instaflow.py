@@ -84,7 +84,7 @@ class InstaFlowBackend:
             :data:`REFERENCE_DELTA`); both UNets are fetched only when named here.
         vae_path, vae_subfolder: take the VAE from another model (the reference uses the fine-tune's).
         compile: ``torch.compile`` the UNet in place (True or "max-autotune-no-cudagraphs"; docs/performance.md).
-        vae_channels_last: channels-last VAE (None: on for CUDA).
+        vae_channels_last: channels-last VAE (off: no measured gain on an H100, docs/performance.md).
         vae_checkpointing: gradient checkpointing in the VAE encoder (memory-lean mode).
     """
 
@@ -105,7 +105,7 @@ class InstaFlowBackend:
         vae_path: Optional[str] = None,
         vae_subfolder: Optional[str] = "vae",
         compile: Union[bool, str] = False,
-        vae_channels_last: Optional[bool] = None,
+        vae_channels_last: bool = False,
         vae_checkpointing: bool = False,
     ):
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -137,7 +137,7 @@ class InstaFlowBackend:
         latent_size: Tuple[int, int] = (512, 512),
         model_id: str = "modules",
         compile: Union[bool, str] = False,
-        vae_channels_last: Optional[bool] = None,
+        vae_channels_last: bool = False,
         vae_checkpointing: bool = False,
     ) -> "InstaFlowBackend":
         """Wrap already-built modules (benchmarks, tests); device and dtype are the UNet's."""
@@ -162,7 +162,7 @@ class InstaFlowBackend:
         return delta, float(spec.get("alpha", 1.0))
 
     def _setup(self, unet, vae, device, dtype, time_convention, latent_rule, latent_size, name, *,
-               compile=False, vae_channels_last=None, vae_checkpointing=False) -> None:
+               compile=False, vae_channels_last=False, vae_checkpointing=False) -> None:
         check_choice("latent_rule", latent_rule, ("native", "resize"))
         check_choice("compile", compile, COMPILE_MODES)
         for what, n in (("UNet in_channels", unet.config.in_channels), ("VAE latent_channels", vae.config.latent_channels)):
@@ -176,7 +176,7 @@ class InstaFlowBackend:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.cross_attention_dim = int(unet.config.cross_attention_dim)
-        self.vae_channels_last = self.device.type == "cuda" if vae_channels_last is None else bool(vae_channels_last)
+        self.vae_channels_last = bool(vae_channels_last)
         configure_vae(self.vae, channels_last=self.vae_channels_last, checkpointing=vae_checkpointing)
         maybe_compile(self.unet, compile)
 

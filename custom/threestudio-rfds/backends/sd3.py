@@ -64,7 +64,7 @@ class SD3Backend:
         encode_mode: "sample" draws z from the VAE posterior (as the paper's code), "mean" uses its mean.
         compile: ``torch.compile`` the transformer in place (True or "max-autotune-no-cudagraphs";
             docs/performance.md gives the gain and the warm-up cost).
-        vae_channels_last: channels-last VAE (None: on for CUDA).
+        vae_channels_last: channels-last VAE (off: no measured gain on an H100, docs/performance.md).
         vae_checkpointing: gradient checkpointing in the VAE encoder (memory-lean mode).
     """
 
@@ -84,7 +84,7 @@ class SD3Backend:
         local_files_only: Optional[bool] = None,
         revision: Optional[str] = None,
         compile: Union[bool, str] = False,
-        vae_channels_last: Optional[bool] = None,
+        vae_channels_last: bool = False,
         vae_checkpointing: bool = False,
     ):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -120,7 +120,7 @@ class SD3Backend:
         self._speed_options(compile, vae_channels_last, vae_checkpointing)
 
     def _speed_options(self, compile, vae_channels_last, vae_checkpointing) -> None:
-        self.vae_channels_last = self.device.type == "cuda" if vae_channels_last is None else bool(vae_channels_last)
+        self.vae_channels_last = bool(vae_channels_last)
         configure_vae(self.vae, channels_last=self.vae_channels_last, checkpointing=vae_checkpointing)
         maybe_compile(self.transformer, compile)
 
@@ -138,7 +138,7 @@ class SD3Backend:
         encode_mode: str = "sample",
         model_id: str = "modules",
         compile: Union[bool, str] = False,
-        vae_channels_last: Optional[bool] = None,
+        vae_channels_last: bool = False,
         vae_checkpointing: bool = False,
     ) -> "SD3Backend":
         """Wrap already-built modules (benchmarks, tests); device and dtype are the transformer's."""

@@ -83,7 +83,7 @@ def build(model: str, device: torch.device, dtype: torch.dtype, resolution: int,
     else:
         net = _random(UNet2DConditionModel, net_cfg, device, dtype)
         backend = InstaFlowBackend.from_modules(net, vae, latent_rule="resize", latent_size=(resolution, resolution),
-                                                model_id=MODEL_NAMES[model])
+                                                model_id=MODEL_NAMES[model], **options)
         conds = [{"encoder_hidden_states": randn(1, 77, net_cfg["cross_attention_dim"])} for _ in range(2)]
     return backend, conds[0], conds[1]
 
@@ -171,8 +171,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="?", const=True, default=False,
                    choices=[True, "default", "max-autotune-no-cudagraphs"],
                    help="torch.compile the transformer / UNet (optionally a mode)")
-    p.add_argument("--vae-channels-last", default="auto", choices=["auto", "on", "off"],
-                   help="channels-last VAE (auto: on for CUDA)")
+    p.add_argument("--vae-channels-last", action="store_true", help="channels-last VAE weights and input")
     p.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in the VAE encoder")
     p.add_argument("--label", default="", help="free text copied into each JSON line")
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (seconds; for tests)")
@@ -200,7 +199,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
             continue
         torch.manual_seed(0)
         backend, cond, uncond = build(model, device, dtype, args.resolution, args.tiny, compile=args.compile,
-                                      vae_channels_last={"auto": None, "on": True, "off": False}[args.vae_channels_last],
+                                      vae_channels_last=args.vae_channels_last,
                                       vae_checkpointing=args.vae_checkpointing)
         for algorithm in algorithms:
             rec = run_case(backend, model, algorithm, cond, uncond, args, device, dtype)
