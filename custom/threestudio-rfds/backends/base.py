@@ -89,6 +89,15 @@ def prepare_rgb(rgb: Tensor, rule: str, size: Optional[Tuple[int, int]], multipl
     return rgb.clamp(0, 1) * 2.0 - 1.0
 
 
+def latent_noise_shape(n: int, channels: int, height: Optional[int], width: Optional[int], sample_size: int,
+                       factor: int) -> Tuple[int, int, int, int]:
+    """[n, C, H/f, W/f] of a sampler's initial noise; H, W default to the denoiser's sample size."""
+    h, w = height or sample_size * factor, width or sample_size * factor
+    if h % factor or w % factor:
+        raise ValueError(f"height x width {h}x{w} must be multiples of the VAE factor {factor}")
+    return n, channels, h // factor, w // factor
+
+
 # ---------------------------------------------------------------- speed / memory options
 COMPILE_MODES = (False, True, "default", "max-autotune-no-cudagraphs")
 

@@ -16,8 +16,8 @@ from torch import Tensor
 from .. import flow
 from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import (COMPILE_MODES, configure_vae, load_component, maybe_compile, prepare_rgb, resolve_device,
-                   resolve_dtype, vae_input)
+from .base import (COMPILE_MODES, configure_vae, latent_noise_shape, load_component, maybe_compile, prepare_rgb,
+                   resolve_device, resolve_dtype, vae_input)
 
 DEFAULT_MODEL = "XCLIU/2_rectified_flow_from_sd_1_5"
 REFERENCE_DELTA = {"base": "runwayml/stable-diffusion-v1-5", "finetuned": "Lykon/absolute-reality-1.81"}
@@ -241,14 +241,10 @@ class InstaFlowBackend:
         this backend uses the "reference" convention).  CFG only when ``uncond`` is given and w > 1,
         as the pipeline.  Returns latents [B, 4, H/8, W/8] (``output_type="latent"``)."""
         if latents is None:
-            n = batch_size or int(cond["encoder_hidden_states"].shape[0])
-            f = self.vae_scale_factor
-            h = height or self.unet.config.sample_size * f
-            w = width or self.unet.config.sample_size * f
-            if h % f or w % f:
-                raise ValueError(f"height x width {h}x{w} must be multiples of the VAE factor {f}")
+            shape = latent_noise_shape(batch_size or int(cond["encoder_hidden_states"].shape[0]), LATENT_CHANNELS,
+                                       height, width, self.unet.config.sample_size, self.vae_scale_factor)
             gen_device = generator.device if generator is not None else self.device
-            latents = torch.randn((n, LATENT_CHANNELS, h // f, w // f), generator=generator, device=gen_device)
+            latents = torch.randn(shape, generator=generator, device=gen_device)
         latents = latents.to(self.device, torch.float32)
         conv = flow.instaflow_convention("model")
         model = SimpleNamespace(convention=conv, velocity=lambda x, t, c: self._unet_velocity(x, t, c, conv))

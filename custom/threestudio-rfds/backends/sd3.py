@@ -16,8 +16,8 @@ from torch import Tensor
 from .. import flow
 from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import (COMPILE_MODES, configure_vae, load_component, maybe_compile, prepare_rgb, resolve_device,
-                   resolve_dtype, vae_input)
+from .base import (COMPILE_MODES, configure_vae, latent_noise_shape, load_component, maybe_compile, prepare_rgb,
+                   resolve_device, resolve_dtype, vae_input)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 LATENT_CHANNELS = 16
@@ -244,25 +244,15 @@ class SD3Backend:
         from diffusers.utils.torch_utils import randn_tensor
 
         if latents is None:
-            n = batch_size or int(cond["prompt_embeds"].shape[0])
-            f = self.vae_scale_factor
-            h = height or self.transformer.config.sample_size * f
-            w = width or self.transformer.config.sample_size * f
-            if h % f or w % f:
-                raise ValueError(f"height x width {h}x{w} must be multiples of the VAE factor {f}")
-            latents = randn_tensor((n, LATENT_CHANNELS, h // f, w // f), generator=generator, device=self.device,
-                                   dtype=cond["prompt_embeds"].dtype)
+            shape = latent_noise_shape(batch_size or int(cond["prompt_embeds"].shape[0]), LATENT_CHANNELS, height, width,
+                                       self.transformer.config.sample_size, self.vae_scale_factor)
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=cond["prompt_embeds"].dtype)
         self._check_latents("latents", latents)
-        latents = latents.to(self.device)
         if uncond is None:
-            guidance_scale = 1.0
-        sigmas = sd3_sigmas(num_inference_steps, self.shift, self.num_train_timesteps).to(latents.device)
-        x, b = latents, latents.shape[0]
-        for i in range(num_inference_steps):
-            t, t_next = sigmas[i].expand(b), sigmas[i + 1].expand(b)
-            v = cfg_velocity(self, x, t, cond, uncond if uncond is not None else cond, guidance_scale)
-            x = flow.euler_step(x, v, t, t_next)
-        return x
+            uncond, guidance_scale = cond, 1.0
+        sigmas = sd3_sigmas(num_inference_steps, self.shift, self.num_train_timesteps)
+        velocity = lambda x, t: cfg_velocity(self, x, t, cond, uncond, guidance_scale)  # noqa: E731
+        return flow.euler_sample(velocity, latents.to(self.device), sigmas)
 
 
 __all__ = ["SD3Backend", "sd3_sigmas", "DEFAULT_MODEL", "LATENT_CHANNELS"]
