@@ -2,7 +2,7 @@
 argument, the bad value and what is allowed."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -67,3 +67,13 @@ def deferred_check_finite(name: str, x: Tensor):
             check_finite(name, x)
 
     return check
+
+
+def check_prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
+    """A string or a non-empty list of strings → list."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+    return prompts

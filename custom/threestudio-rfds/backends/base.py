@@ -32,6 +32,14 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     return DTYPES[dtype]
 
 
+def hub_kwargs(revision: Optional[str] = None, local_files_only: Optional[bool] = None) -> dict:
+    """``from_pretrained`` keywords for the hub options users set (unset ones keep diffusers' defaults)."""
+    kw = {"revision": revision}
+    if local_files_only is not None:
+        kw["local_files_only"] = local_files_only
+    return kw
+
+
 class ModelLoadError(OSError):
     """A model folder or hub repository could not be loaded."""
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import flow
 from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import (COMPILE_MODES, configure_vae, latent_noise_shape, load_component, maybe_compile, prepare_rgb,
+from .base import (COMPILE_MODES, configure_vae, hub_kwargs, latent_noise_shape, load_component, maybe_compile, prepare_rgb,
                    resolve_device, resolve_dtype, vae_input)
 
 DEFAULT_MODEL = "XCLIU/2_rectified_flow_from_sd_1_5"
@@ -114,9 +114,7 @@ class InstaFlowBackend:
             _check_delta_spec(unet_delta)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        kw = {"revision": revision}
-        if local_files_only is not None:
-            kw["local_files_only"] = local_files_only
+        kw = hub_kwargs(revision, local_files_only)
         path = pretrained_model_name_or_path
         # the delta is added in fp32, then the merged UNet is cast to dt
         unet = load_component(UNet2DConditionModel, path, "unet", torch_dtype=torch.float32 if unet_delta else dt, **kw)
@@ -151,9 +149,7 @@ class InstaFlowBackend:
     def _load_delta(spec: dict, local_files_only: Optional[bool]):
         from diffusers import UNet2DConditionModel
 
-        kw = {"torch_dtype": torch.float32}
-        if local_files_only is not None:
-            kw["local_files_only"] = local_files_only
+        kw = dict(hub_kwargs(local_files_only=local_files_only), torch_dtype=torch.float32)
         base = load_component(UNet2DConditionModel, spec["base"], "unet", **kw)
         fine = load_component(UNet2DConditionModel, spec["finetuned"], "unet", **kw)
         delta = unet_delta_state(base, fine)

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import flow
 from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import (COMPILE_MODES, configure_vae, latent_noise_shape, load_component, maybe_compile, prepare_rgb,
+from .base import (COMPILE_MODES, configure_vae, hub_kwargs, latent_noise_shape, load_component, maybe_compile, prepare_rgb,
                    resolve_device, resolve_dtype, vae_input)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -97,9 +97,7 @@ class SD3Backend:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model_id = pretrained_model_name_or_path
-        kw = {"revision": revision}
-        if local_files_only is not None:
-            kw["local_files_only"] = local_files_only
+        kw = hub_kwargs(revision, local_files_only)
         path = pretrained_model_name_or_path
         scheduler = load_component(FlowMatchEulerDiscreteScheduler, path, "scheduler", **kw)
         if scheduler.config.get("use_dynamic_shifting", False) and shift is None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import resolve_device, resolve_dtype
-from ..checks import check_choice
+from ..checks import check_choice, check_prompts
 
 FAMILIES = ("sd3", "instaflow")
 NOT_IN_KEY = ("device", "dtype", "local_files_only")  # do not change the embeddings' values
@@ -57,7 +57,6 @@ def encode_prompts(
     local_files_only, revision).  With ``cache_dir`` each prompt's embedding is stored under a
     hash of (family, model, prompt, options, dtype) and reused by later runs.
     """
-    from .sd3 import check_prompts
 
     fn = _encoder(model_family)
     prompts = check_prompts(prompts)

@@ -8,7 +8,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..backends.base import load_component, resolve_device, resolve_dtype
+from ..backends.base import hub_kwargs, load_component, resolve_device, resolve_dtype
+from ..checks import check_prompts
 
 
 def _load_tokenizer(path: str, **kwargs):
@@ -23,15 +24,6 @@ def _load_tokenizer(path: str, **kwargs):
 
 
 _StrictCLIPTokenizer = type("CLIPTokenizer", (), {"from_pretrained": staticmethod(_load_tokenizer)})
-
-
-def _check_prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
-    return prompts
 
 
 @torch.no_grad()
@@ -50,12 +42,10 @@ def encode_clip_prompts(
     """
     from transformers import CLIPTextModel
 
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    kw = {"revision": revision}
-    if local_files_only is not None:
-        kw["local_files_only"] = local_files_only
+    kw = hub_kwargs(revision, local_files_only)
     path = pretrained_model_name_or_path
     tokenizer = load_component(_StrictCLIPTokenizer, path, "tokenizer", **kw)
     text_encoder = load_component(CLIPTextModel, path, "text_encoder", torch_dtype=dt, **kw).to(dev).eval()

@@ -19,19 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends.base import load_component, resolve_device, resolve_dtype
+from ..backends.base import hub_kwargs, load_component, resolve_device, resolve_dtype
+from ..checks import check_prompts
 
 CLIP_SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
-
-
-def check_prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
-    """A string or a non-empty list of strings → list."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
-    return prompts
 
 
 def release(refs: List[weakref.ref]) -> None:
@@ -111,9 +102,7 @@ def encode_sd3_prompts(
         raise ValueError(f"max_sequence_length must be an integer in [1, 512], got {max_sequence_length!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    kw = {"revision": revision}
-    if local_files_only is not None:
-        kw["local_files_only"] = local_files_only
+    kw = hub_kwargs(revision, local_files_only)
     path = pretrained_model_name_or_path
 
     hiddens, pooleds, max_length = [], [], None
@@ -132,4 +121,4 @@ def encode_sd3_prompts(
     return {"prompt_embeds": torch.cat([clip, t5], dim=-2), "pooled_prompt_embeds": torch.cat(pooleds, dim=-1)}
 
 
-__all__ = ["encode_sd3_prompts", "check_prompts", "release"]
+__all__ = ["encode_sd3_prompts", "release"]
