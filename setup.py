@@ -36,6 +36,7 @@ setup(
         "transformers>=4.41,<6",
         "huggingface_hub>=0.23",
         "safetensors>=0.4",
+        "accelerate>=0.30",  # low-memory from_pretrained of multi-GB checkpoints
         "omegaconf>=2.3,<3",
         "pyyaml>=6",
         "numpy>=1.24",

@@ -70,6 +70,16 @@ def load_component(cls, path: str, subfolder: Optional[str], **kwargs: Any):
         raise ModelLoadError(f"cannot load {cls.__name__} from {where}: {hint}. Original error: {e}") from e
 
 
+def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Inference-only weights in ``dtype`` on ``device`` (cast before the move, so the device never
+    holds a wider copy).  The cast also covers diffusers loading without ``accelerate``, which can
+    leave weights in float32 whatever ``torch_dtype`` asked."""
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+    module.to(device).eval().requires_grad_(False)
+    return module
+
+
 LATENT_RULES = ("native", "resize")
 
 

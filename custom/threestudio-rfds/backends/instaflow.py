@@ -16,8 +16,8 @@ from torch import Tensor
 from .. import flow
 from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import (COMPILE_MODES, configure_vae, hub_kwargs, latent_noise_shape, load_component, maybe_compile, prepare_rgb,
-                   resolve_device, resolve_dtype, vae_input)
+from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, latent_noise_shape, load_component,
+                   maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
 
 DEFAULT_MODEL = "XCLIU/2_rectified_flow_from_sd_1_5"
 REFERENCE_DELTA = {"base": "runwayml/stable-diffusion-v1-5", "finetuned": "Lykon/absolute-reality-1.81"}
@@ -58,14 +58,6 @@ def _check_delta_spec(spec) -> None:
             "unet_delta must be a dict with keys 'base' and 'finetuned' (and optional 'alpha'), "
             f"e.g. {REFERENCE_DELTA}; got {spec!r}"
         )
-
-
-def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    module.to(device)
-    if any(p.dtype != dtype for p in module.parameters()):
-        module.to(dtype)
-    module.eval().requires_grad_(False)
-    return module
 
 
 class InstaFlowBackend:
@@ -165,7 +157,7 @@ class InstaFlowBackend:
             if n != LATENT_CHANNELS:
                 raise ValueError(f"{name!r}: {what} is {n}, InstaFlow/SD1.5 latents have {LATENT_CHANNELS} channels")
         self.model_id, self.device, self.dtype = name, torch.device(device), dtype
-        self.unet, self.vae = _freeze(unet, self.device, dtype), _freeze(vae, self.device, dtype)
+        self.unet, self.vae = freeze(unet, self.device, dtype), freeze(vae, self.device, dtype)
         self.convention = flow.instaflow_convention(time_convention)
         self.time_convention, self.latent_rule = time_convention, latent_rule
         self.latent_size = tuple(latent_size)

@@ -16,8 +16,8 @@ from torch import Tensor
 from .. import flow
 from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import (COMPILE_MODES, configure_vae, hub_kwargs, latent_noise_shape, load_component, maybe_compile, prepare_rgb,
-                   resolve_device, resolve_dtype, vae_input)
+from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, latent_noise_shape, load_component,
+                   maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 LATENT_CHANNELS = 16
@@ -39,12 +39,6 @@ def sd3_sigmas(num_inference_steps: int, shift: float, num_train_timesteps: int 
     else:
         t = flow.time_grid(num_inference_steps - 1, shift, t_max=1.0, t_min=u_min)
     return torch.cat([t, torch.zeros(1)])
-
-
-def _freeze(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    module.to(device).eval()
-    module.requires_grad_(False)
-    return module
 
 
 class SD3Backend:
@@ -105,8 +99,9 @@ class SD3Backend:
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.shift = float(scheduler.config.shift if shift is None else shift)
         self.convention = flow.sd3_convention(self.shift, time_convention)
-        self.transformer = _freeze(load_component(SD3Transformer2DModel, path, "transformer", torch_dtype=self.dtype, **kw), self.device)
-        self.vae = _freeze(load_component(AutoencoderKL, path, "vae", torch_dtype=self.dtype, **kw), self.device)
+        self.transformer = freeze(load_component(SD3Transformer2DModel, path, "transformer", torch_dtype=self.dtype, **kw),
+                                  self.device, self.dtype)
+        self.vae = freeze(load_component(AutoencoderKL, path, "vae", torch_dtype=self.dtype, **kw), self.device, self.dtype)
         channels = self.transformer.config.in_channels
         if channels != LATENT_CHANNELS or self.vae.config.latent_channels != LATENT_CHANNELS:
             raise ValueError(f"{path!r} is not an SD3 model: transformer/VAE have {channels}/"
@@ -149,7 +144,7 @@ class SD3Backend:
         self.device, self.dtype, self.model_id = p.device, p.dtype, model_id
         self.num_train_timesteps, self.shift = num_train_timesteps, float(shift)
         self.convention = flow.sd3_convention(self.shift, time_convention)
-        self.transformer, self.vae = _freeze(transformer, self.device), _freeze(vae, self.device)
+        self.transformer, self.vae = freeze(transformer, self.device, self.dtype), freeze(vae, self.device, self.dtype)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(vae.config.shift_factor or 0.0)
