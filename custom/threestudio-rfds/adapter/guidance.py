@@ -10,8 +10,6 @@ prompt_utils, elevation, azimuth, camera_distances, rgb_as_latents=False, guidan
 """
 from __future__ import annotations
 
-import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
@@ -60,7 +58,7 @@ class RFDSGuidanceBase(BaseModule):
         latent_rule: str = "native"  # native: encode at render size; resize: to latent_size first
         latent_size: Optional[List[int]] = None
         view_dependent_prompting: bool = True
-        compile: Any = False  # torch.compile the flow model (true or a mode) when the backend supports it
+        compile: Any = False  # torch.compile the flow model: true or "max-autotune-no-cudagraphs" (docs/performance.md)
         backend_options: Optional[Dict[str, Any]] = None  # other keyword arguments of the backend class
         local_files_only: Optional[bool] = None
         seed: Optional[int] = None  # seed of the guidance's own generator (t, ε, weights)
@@ -90,12 +88,7 @@ class RFDSGuidanceBase(BaseModule):
         if not c.pretrained_model_name_or_path:
             raise ValueError(f"{type(self).__name__}: set guidance.pretrained_model_name_or_path (hub id or folder)")
         cls = backend_class(self.backend_name)
-        kw = {**self.backend_kwargs(), **(dict(c.backend_options) if c.backend_options else {})}
-        if c.compile:
-            if "compile" in inspect.signature(cls.__init__).parameters:
-                kw["compile"] = c.compile
-            else:
-                warnings.warn(f"{cls.__name__} does not support compile; running eagerly", RuntimeWarning, stacklevel=2)
+        kw = {**self.backend_kwargs(), "compile": c.compile, **(dict(c.backend_options) if c.backend_options else {})}
         threestudio.info(f"Loading {self.backend_name} flow model {c.pretrained_model_name_or_path} on {self.device}")
         # a plain object, not a submodule: its weights stay out of threestudio's checkpoints
         self.backend = cls(**kw)
@@ -137,9 +130,7 @@ class RFDSGuidanceBase(BaseModule):
             return x.to(be.device)
         if x.shape[1] != 3:
             raise ValueError(f"rgb must have 3 channels (or pass rgb_as_latents=True), got shape {tuple(rgb.shape)}")
-        if self.generator is not None and "generator" in inspect.signature(be.encode).parameters:
-            return be.encode(x.to(be.device), generator=self.generator).float()  # seeded VAE sample
-        return be.encode(x.to(be.device)).float()
+        return be.encode(x.to(be.device), generator=self.generator).float()  # seeded VAE sample when seed is set
 
     def conditions(self, prompt_utils, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor,
                    perp_neg: Optional[bool] = None):
