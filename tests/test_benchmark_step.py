@@ -24,6 +24,8 @@ def test_tiny_runs_all_cases(capsys):
     for r in recs:
         assert FIELDS <= set(r)
         assert 0 < r["min_ms"] <= r["median_ms"]
+        assert all(r[f"{phase}_ms"] > 0 for phase in gs.PHASES)  # encode / flow / backward breakdown
+        assert sum(r[f"{phase}_ms"] for phase in gs.PHASES) <= 2 * r["median_ms"]
         assert r["peak_mem_gib"] is None and r["device_name"] == "cpu" and r["dtype"] == "float32"
         assert r["resolution"] == 64 and r["steps"] == 2 and r["model"].startswith("tiny-")
 

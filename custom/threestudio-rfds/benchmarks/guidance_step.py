@@ -92,30 +92,54 @@ def denoiser(backend) -> torch.nn.Module:
     return backend.transformer if hasattr(backend, "transformer") else backend.unet
 
 
+PHASES = ("encode", "flow", "backward")
+
+
+class Marks:
+    """Timestamps at named points of one step: CUDA events on the GPU (no sync until read),
+    perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.points: List = []
+
+    def __call__(self) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.points.append(e)
+        else:
+            self.points.append(time.perf_counter())
+
+    def durations_ms(self) -> List[float]:
+        """Milliseconds between consecutive marks (synchronises on the GPU)."""
+        if self.cuda:
+            self.points[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.points, self.points[1:])]
+        return [1000.0 * (b - a) for a, b in zip(self.points, self.points[1:])]
+
+
 def guidance_step(backend, algorithm: str, rgb: torch.Tensor, cond, uncond, guidance_scale: float,
-                  cfg_batched: bool) -> torch.Tensor:
-    """encode (with grad) → RFDS / RFDS-Rev → backward; returns the loss."""
+                  cfg_batched: bool, mark=lambda: None) -> torch.Tensor:
+    """encode (with grad) → RFDS / RFDS-Rev → backward; ``mark()`` after each phase; returns the loss."""
     rgb.grad = None
-    out = ALGORITHMS[algorithm](backend, backend.encode(rgb), cond, uncond, guidance_scale, cfg_batched=cfg_batched)
+    z = backend.encode(rgb)
+    mark()
+    out = ALGORITHMS[algorithm](backend, z, cond, uncond, guidance_scale, cfg_batched=cfg_batched)
+    mark()
     out.loss.backward()
+    mark()
     return out.loss.detach()
 
 
-def time_steps(fn, steps: int, device: torch.device) -> List[float]:
-    """Milliseconds of each of ``steps`` calls of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
+def time_steps(fn, steps: int, device: torch.device) -> List[List[float]]:
+    """Per step, the milliseconds of each phase of ``fn(mark)`` (see :data:`PHASES`)."""
     times = []
     for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000.0 * (time.perf_counter() - t0))
+        marks = Marks(device)
+        marks()
+        fn(marks)
+        times.append(marks.durations_ms())
     return times
 
 
@@ -123,8 +147,9 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
              dtype: torch.dtype) -> Dict:
     rgb = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device, requires_grad=True)
 
-    def step():
-        return guidance_step(backend, algorithm, rgb, cond, uncond, args.guidance_scale, args.cfg_mode == "batched")
+    def step(mark=lambda: None):
+        return guidance_step(backend, algorithm, rgb, cond, uncond, args.guidance_scale, args.cfg_mode == "batched",
+                             mark)
 
     for _ in range(args.warmup):
         step()
@@ -132,7 +157,8 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
         torch.cuda.synchronize(device)
         peak_with_build = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times = time_steps(step, args.steps, device)
+    phases = time_steps(step, args.steps, device)
+    times = [sum(p) for p in phases]
     if not torch.isfinite(rgb.grad).all():
         raise RuntimeError(f"{model}-{algorithm}: non-finite gradient at the render")
     return {
@@ -141,6 +167,8 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
         "model": ("tiny-" if args.tiny else "") + MODEL_NAMES[model] + "-random",
         "median_ms": round(statistics.median(times), 3),
         "min_ms": round(min(times), 3),
+        # median of each phase: VAE encode forward, the RFDS/RFDS-Rev call (denoiser passes), backward to the render
+        **{f"{name}_ms": round(statistics.median(p[i] for p in phases), 3) for i, name in enumerate(PHASES)},
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
         # since the process started: building the weights on the GPU (as loading does) + warm-up steps
         "peak_mem_with_build_gib": round(max(peak_with_build, torch.cuda.max_memory_allocated(device)) / 2**30, 3)
