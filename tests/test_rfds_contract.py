@@ -163,6 +163,18 @@ def test_rfds_rev_with_no_inner_step_is_rfds_and_inner_steps_refine():
     torch.testing.assert_close(rev1.t, t)
 
 
+def test_rfds_rev_inner_model_drives_only_the_irfds_updates():
+    m = mixture(flow.instaflow_convention())
+    x0, t, eps = torch.randn(B, 2), torch.rand(B), torch.randn(B, 2)
+    c, u = labels(B, 1), labels(B, -1)
+    inner = CountingModel(m)
+    rev = R.rfds_rev(m, x0, labels(B, 0), u, 3.0, t=t, eps=eps, inner_model=inner, inner_cond=c)
+    assert inner.calls == [B]  # one conditional pass, no CFG
+    torch.testing.assert_close(rev.eps, R.irfds_update(m, x0, eps, t, c))
+    plain = R.rfds(m, x0, labels(B, 0), u, 3.0, t=t, eps=rev.eps)
+    torch.testing.assert_close(rev.grad, plain.grad)
+
+
 def test_generator_reproducibility_and_given_t_eps():
     m = mixture(flow.sd3_convention(3.0))
     x0 = torch.randn(B, 2)

@@ -297,9 +297,14 @@ def rfds_rev(
     grad_clip: Optional[float] = None,
     cfg_batched: bool = True,
     generator: Optional[torch.Generator] = None,
+    inner_model: Optional[VelocityModel] = None,
+    inner_cond: Optional[Cond] = None,
 ) -> RFDSOutput:
     """RFDS-Rev (§5): refine ε by ``n_inner`` iRFDS updates with the conditional velocity
-    (no CFG), then take the RFDS step at the same t with the refined noise."""
+    (no CFG), then take the RFDS step at the same t with the refined noise.
+
+    ``inner_model``/``inner_cond`` give the velocity of the iRFDS updates when the outer step
+    uses a composite model (Perp-Neg); by default ``model`` with ``cond``."""
     if isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 0:
         raise ValueError(f"n_inner must be an integer >= 0, got {n_inner!r}")
     check_step_size("inner_step", inner_step)
@@ -307,8 +312,9 @@ def rfds_rev(
     check_x0 = _check_inputs_deferred(x0, t, eps)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     x0_ = x0.detach()
+    inner_model, inner_cond = inner_model or model, cond if inner_cond is None else inner_cond
     for _ in range(n_inner):
-        eps = _irfds_step(model, x0_, eps, t, cond, inner_step)
+        eps = _irfds_step(inner_model, x0_, eps, t, inner_cond, inner_step)
     out = rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
                           grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
     check_x0()

@@ -166,31 +166,27 @@ class RFDSGuidanceBase(BaseModule):
         return {}
 
     def distill(self, x0: Tensor, cond: Cond, uncond: Cond, neg: Optional[Cond], weights: Optional[Tensor]):
-        """(RFDSOutput, velocity(x, t, samples) used for evaluation images)."""
+        """(RFDSOutput, velocity(x, t, samples) used for evaluation images).
+
+        With Perp-Neg the outer step runs on :class:`PerpNegModel` (CFG inside, scale 1 outside);
+        RFDS-Rev's iRFDS updates always use the backend with the positive prompt."""
         be, w = self.backend, self.guidance_scale
         batched = self.cfg.cfg_mode == "batched"
-        common = dict(min_step_percent=self.min_step_percent, max_step_percent=self.max_step_percent,
-                      weighting=self.cfg.weighting, grad_clip=self.grad_clip_val, generator=self.generator)
-        rev = self.algorithm == "rfds-rev"
         if neg is None:
-            if rev:
-                out = core.rfds_rev(be, x0, cond, uncond, w, cfg_batched=batched, **self.rev_options(), **common)
-            else:
-                out = core.rfds(be, x0, cond, uncond, w, cfg_batched=batched, **common)
-            return out, lambda x, t, sl: cfg_velocity(be, x, t, _slice(cond, sl), _slice(uncond, sl), w, batched=batched)
-        model = PerpNegModel(be, w, batched)
-        packed = perp_neg_cond(cond, uncond, neg, weights)
-        t = eps = None
-        if rev:  # iRFDS refines ε with the positive prompt's velocity, then the Perp-Neg RFDS step
-            opts = self.rev_options()
-            gen = self.generator
-            t = be.convention.sample_time(x0.shape[0], self.min_step_percent, self.max_step_percent,
-                                          device=x0.device, generator=gen)
-            eps = torch.randn(x0.shape, generator=gen, device=gen.device if gen else x0.device).to(x0)
-            for _ in range(opts["n_inner"]):
-                eps = core.irfds_update(be, x0.detach(), eps, t, cond, opts["inner_step"])
-        out = core.rfds(model, x0, packed, uncond, 1.0, t=t, eps=eps, **common)
-        return out, lambda x, t, sl: model.velocity(x, t, _slice(packed, sl))
+            model, c, scale = be, cond, w
+            velocity = lambda x, t, sl: cfg_velocity(be, x, t, _slice(cond, sl), _slice(uncond, sl), w,  # noqa: E731
+                                                     batched=batched)
+        else:
+            model, c, scale = PerpNegModel(be, w, batched), perp_neg_cond(cond, uncond, neg, weights), 1.0
+            velocity = lambda x, t, sl: model.velocity(x, t, _slice(c, sl))  # noqa: E731
+        kw = dict(min_step_percent=self.min_step_percent, max_step_percent=self.max_step_percent,
+                  weighting=self.cfg.weighting, grad_clip=self.grad_clip_val, generator=self.generator,
+                  cfg_batched=batched)
+        if self.algorithm == "rfds-rev":
+            out = core.rfds_rev(model, x0, c, uncond, scale, inner_model=be, inner_cond=cond, **self.rev_options(), **kw)
+        else:
+            out = core.rfds(model, x0, c, uncond, scale, **kw)
+        return out, velocity
 
     def __call__(self, rgb: Tensor, prompt_utils, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor,
                  rgb_as_latents: bool = False, guidance_eval: bool = False, **kwargs) -> Dict[str, Any]:
