@@ -133,6 +133,10 @@ def test_config_trains_a_render_over_the_schedule(ts, workdir, paths, name):
     data = _small_sizes(cfg)
     from threestudio.utils.misc import C
 
+    lean = "low-memory" in name  # the memory-lean options reach the backend
+    assert guidance.backend.vae.encoder.gradient_checkpointing == lean
+    assert (guidance.cfg.cfg_mode == "sequential") == lean
+
     steps = [0, 6000] if isinstance(cfg.data.width, (list, tuple)) or "resolution_milestones" in cfg.data else [0]
     for step in steps:
         guidance.do_update_step(0, step)  # what BaseSystem.on_train_batch_start does
