@@ -20,3 +20,21 @@ def tiny_instaflow_path(tmp_path_factory) -> str:
     from tiny_instaflow import build_tiny_instaflow
 
     return build_tiny_instaflow(str(tmp_path_factory.mktemp("tiny-instaflow")))
+
+
+@pytest.fixture(scope="module")
+def ts():
+    """The real threestudio package (THREESTUDIO_ROOT), or a skip with the reason."""
+    from ts_support import threestudio_or_skip
+
+    return threestudio_or_skip()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """threestudio writes its prompt cache under the current folder: a private one per module."""
+    old = os.getcwd()
+    d = tmp_path_factory.mktemp("ts-work")
+    os.chdir(d)
+    yield d
+    os.chdir(old)

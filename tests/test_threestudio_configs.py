@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from ts_support import CONFIG_DIR, camera_batch, load_custom_module, render_stand_in, shipped_configs, threestudio_or_skip
+from ts_support import CONFIG_DIR, camera_batch, load_custom_module, render_stand_in, shipped_configs
 
-pytestmark = pytest.mark.threestudio
+pytestmark = [pytest.mark.threestudio, pytest.mark.usefixtures("workdir")]
 
 CONFIGS = shipped_configs()
 GS_TYPES = {"gaussian-splatting-system", "gaussian-splatting", "diff-gaussian-rasterizer", "gaussian-mesh-exporter"}
@@ -20,21 +20,6 @@ def test_all_configs_are_listed():
     assert {"rfds-sd3.yaml", "rfds-rev-sd3.yaml", "rfds-instaflow.yaml", "rfds-rev-instaflow.yaml",
             "rfds-sd3-low-memory.yaml", "rfds-rev-sd3-low-memory.yaml", "rfds-sd3-3dgs.yaml",
             "rfds-sd3-refine.yaml"} <= set(CONFIGS)
-
-
-@pytest.fixture(scope="module")
-def ts():
-    return threestudio_or_skip()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def workdir(tmp_path_factory):
-    """threestudio writes its prompt cache under the current folder: use a private one."""
-    old = os.getcwd()
-    d = tmp_path_factory.mktemp("ts-work")
-    os.chdir(d)
-    yield d
-    os.chdir(old)
 
 
 def _is_instaflow(name):

@@ -2,31 +2,16 @@
 on the tiny models: view-dependent and Perp-Neg prompts, pooled embeddings on both paths,
 guidance_eval with threestudio's guidance_evaluation_save, latents and normal-map inputs,
 schedules, RFDS-Rev, device fallback and bad input."""
-import os
 
 import pytest
 import torch
 
-from ts_support import camera_batch, render_stand_in, threestudio_or_skip
+from ts_support import camera_batch, render_stand_in
 
-pytestmark = pytest.mark.threestudio
+pytestmark = [pytest.mark.threestudio, pytest.mark.usefixtures("workdir")]
 
 DATA = {"batch_size": 4, "width": 32, "height": 32, "elevation_range": [-10, 80], "camera_perturb": 0.0,
         "center_perturb": 0.0, "up_perturb": 0.0}
-
-
-@pytest.fixture(scope="module")
-def ts():
-    return threestudio_or_skip()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def workdir(tmp_path_factory):
-    old = os.getcwd()
-    d = tmp_path_factory.mktemp("ts-guidance")
-    os.chdir(d)
-    yield d
-    os.chdir(old)
 
 
 def sd3_prompts(ts, path, **kw):

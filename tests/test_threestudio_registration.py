@@ -8,14 +8,9 @@ import warnings
 import pytest
 import torch
 
-from ts_support import PACKAGE_DIR, load_custom_module, threestudio_or_skip, threestudio_root
+from ts_support import PACKAGE_DIR, load_custom_module, threestudio_root
 
 pytestmark = pytest.mark.threestudio
-
-
-@pytest.fixture(scope="module")
-def ts():
-    return threestudio_or_skip()
 
 
 def test_register_is_idempotent_and_complete(ts):
