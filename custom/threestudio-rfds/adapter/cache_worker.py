@@ -19,6 +19,8 @@ from typing import Callable, Dict, List
 
 import torch
 
+from ..atomic import atomic_write
+
 
 def threestudio_prompt_hash(model: str, prompt: str) -> str:
     """threestudio's ``hash_prompt``: md5 of ``f"{model}-{prompt}"``."""
@@ -29,17 +31,6 @@ def options_tag(family: str, options: Dict) -> str:
     """Subfolder name for one encoder setting (options change the embeddings, not the file name)."""
     blob = json.dumps({"family": family, **options}, sort_keys=True, default=str)
     return f"rfds-{family}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
-
-
-def _save_atomic(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def encode_to_threestudio_cache(
@@ -56,7 +47,8 @@ def encode_to_threestudio_cache(
     for i, prompt in enumerate(prompts):
         item = {k: v[i].detach().cpu().clone() for k, v in emb.items()}
         obj = item["encoder_hidden_states"] if family == "instaflow" else item
-        _save_atomic(obj, os.path.join(cache_dir, f"{threestudio_prompt_hash(pretrained_model_name_or_path, prompt)}.pt"))
+        path = os.path.join(cache_dir, f"{threestudio_prompt_hash(pretrained_model_name_or_path, prompt)}.pt")
+        atomic_write(path, partial(torch.save, obj))
 
 
 def spawn_target(family: str, options: Dict) -> Callable[[str, List[str], str], None]:

@@ -12,6 +12,8 @@ import os
 import time
 from typing import Any, Dict, Iterator, List
 
+from ..atomic import atomic_write
+
 FINAL = ("done", "failed", "interrupted")
 
 
@@ -63,9 +65,8 @@ class Ledger:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+
+    atomic_write(path, write)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
+
+from ..atomic import atomic_write
 
 Embeddings = Dict[str, Tensor]
 LOCK_NAME = ".lock"
@@ -90,19 +91,7 @@ class EmbeddingCache:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"entry": json.dumps({"spec": spec, "prompt": prompt}, sort_keys=True, default=str),
                 "sha256": tensors_digest(tensors)}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            path = self.path(cache_key(spec, prompt))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return path
+        return atomic_write(self.path(cache_key(spec, prompt)), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     def get_or_compute(
         self, spec: dict, prompts: List[str], compute: Callable[[List[str]], Embeddings]
