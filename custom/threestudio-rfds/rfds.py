@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import flow
 from .checks import check_batch, check_choice, check_finite, check_range, check_time, deferred_check_finite
-from .protocol import Cond, VelocityModel, cfg_velocity, expand_cond
+from .protocol import Cond, VelocityModel, cfg_velocity
 
 Weighting = Literal["none", "sigmoid", "sds"]
 WEIGHTINGS = ("none", "sigmoid", "sds")
@@ -108,7 +108,7 @@ def _check_inputs_deferred(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor
     """Shape checks now; the finiteness of x0 is tested without a host sync and raised by the
     returned function, which the step calls after queuing its model calls (on CUDA the VAE
     encode then overlaps with launching the denoiser)."""
-    _check_inputs(x0, t, None if eps is None else eps, check_values=False)
+    _check_inputs(x0, t, eps, check_values=False)
     if eps is not None:
         check_finite("eps", eps)
     return deferred_check_finite("x0", x0)
@@ -227,13 +227,16 @@ def irfds_update(
     return _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale, uncond)
 
 
+def _guided_velocity(model, x_t, t, cond, uncond, guidance_scale) -> Tensor:
+    """The conditional velocity, or with CFG when an ``uncond`` is given (iRFDS's optional guidance)."""
+    if uncond is None:
+        uncond, guidance_scale = cond, 1.0
+    return cfg_velocity(model, x_t, t, cond, uncond, guidance_scale)
+
+
 def _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale=1.0, uncond=None) -> Tensor:
     x_t = flow.interpolate(x0, eps, t)
-    if guidance_scale == 1.0 or uncond is None:
-        v = model.velocity(x_t, t, expand_cond(cond, x0.shape[0]))
-    else:
-        v = cfg_velocity(model, x_t, t, cond, uncond, guidance_scale)
-    v, _ = replace_nonfinite(v.to(eps.dtype))
+    v, _ = replace_nonfinite(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(eps.dtype))
     eta = flow.append_dims(inner_step_size(step_size, t), eps.ndim).to(eps.dtype)
     return eps + eta * flow.append_dims(flow.beta_dot(t), eps.ndim).to(eps.dtype) * (v - flow.velocity_target(x0, eps))
 
@@ -269,11 +272,7 @@ def irfds_loss(
     with torch.no_grad():
         e = eps.detach()
         x_t = flow.interpolate(x0, e, t)
-        if guidance_scale == 1.0 or uncond is None:
-            v_pred = model.velocity(x_t, t, expand_cond(cond, x0.shape[0]))
-        else:
-            v_pred = cfg_velocity(model, x_t, t, cond, uncond, guidance_scale)
-        v_pred, n_bad = replace_nonfinite(v_pred.to(e.dtype))
+        v_pred, n_bad = replace_nonfinite(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(e.dtype))
         g = -flow.append_dims(flow.beta_dot(t), e.ndim).to(e.dtype) * (v_pred - flow.velocity_target(x0, e))
     loss = reparameterised_loss(eps, g) + reg_weight * noise_regulariser(eps)
     return RFDSOutput(loss, g, t, e, x_t, v_pred, torch.ones_like(t), n_bad)
