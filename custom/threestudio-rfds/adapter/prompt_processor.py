@@ -140,17 +140,14 @@ class SD3PromptProcessor(_RFDSCacheMixin, PromptProcessor):
         self._use_rfds_cache_dir()
         barrier()
 
-        def stack(prompts, key):
-            return torch.stack([self.load_from_cache(p)[key] for p in prompts], dim=0)
+        def stack(prompts):  # each cache file read once: (sequence [N, L, D], pooled [N, P])
+            items = [self.load_from_cache(p) for p in prompts]
+            return tuple(torch.stack([it[k] for it in items]) for k in ("prompt_embeds", "pooled_prompt_embeds"))
 
-        self.text_embeddings = stack([self.prompt], "prompt_embeds")
-        self.uncond_text_embeddings = stack([self.negative_prompt], "prompt_embeds")
-        self.text_embeddings_vd = stack(self.prompts_vd, "prompt_embeds")
-        self.uncond_text_embeddings_vd = stack(self.negative_prompts_vd, "prompt_embeds")
-        self.pooled_embeddings = stack([self.prompt], "pooled_prompt_embeds")
-        self.uncond_pooled_embeddings = stack([self.negative_prompt], "pooled_prompt_embeds")
-        self.pooled_embeddings_vd = stack(self.prompts_vd, "pooled_prompt_embeds")
-        self.uncond_pooled_embeddings_vd = stack(self.negative_prompts_vd, "pooled_prompt_embeds")
+        self.text_embeddings, self.pooled_embeddings = stack([self.prompt])
+        self.uncond_text_embeddings, self.uncond_pooled_embeddings = stack([self.negative_prompt])
+        self.text_embeddings_vd, self.pooled_embeddings_vd = stack(self.prompts_vd)
+        self.uncond_text_embeddings_vd, self.uncond_pooled_embeddings_vd = stack(self.negative_prompts_vd)
 
     def __call__(self) -> RFDSPromptProcessorOutput:
         base = PromptProcessor.__call__(self)
