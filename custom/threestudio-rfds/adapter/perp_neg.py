@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..flow import append_dims
 from ..protocol import Cond, VelocityModel, cat_cond, expand_cond
 
 WEIGHTS_KEY = "perp_neg_weights"
@@ -23,7 +24,7 @@ def perpendicular_component(x: Tensor, y: Tensor) -> Tensor:
     """x − proj_y(x), per sample over all non-batch dimensions."""
     dims = tuple(range(1, x.ndim))
     coef = (x * y).sum(dims) / torch.clamp((y * y).sum(dims), min=1e-6)
-    return x - coef.reshape(-1, *([1] * (x.ndim - 1))) * y
+    return x - append_dims(coef, x.ndim) * y
 
 
 def perp_neg_cond(pos: Cond, uncond: Cond, neg: Cond, weights: Tensor) -> Cond:
@@ -73,5 +74,5 @@ class PerpNegModel:
         e_pos = v_pos - v_unc
         accum = torch.zeros_like(e_pos)
         for i, v_neg in enumerate(v_negs):
-            accum = accum + weights[:, i].reshape(-1, *([1] * (x_t.ndim - 1))) * perpendicular_component(v_neg - v_unc, e_pos)
+            accum = accum + append_dims(weights[:, i], x_t.ndim) * perpendicular_component(v_neg - v_unc, e_pos)
         return v_unc + self.guidance_scale * (e_pos + accum)
