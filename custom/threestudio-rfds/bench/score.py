@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..backends.base import resolve_device
 from .ledger import Ledger, write_json_atomic
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -95,8 +96,7 @@ class ClipScorer:
     def __init__(self, model: str = DEFAULT_CLIP, device: str = "auto", batch_size: int = 32):
         from transformers import AutoTokenizer, CLIPModel
 
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
         try:
             self.model = CLIPModel.from_pretrained(model).to(self.device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(model)
