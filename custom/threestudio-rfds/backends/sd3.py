@@ -41,6 +41,14 @@ def sd3_sigmas(num_inference_steps: int, shift: float, num_train_timesteps: int 
     return torch.cat([t, torch.zeros(1)])
 
 
+def _check_options(compile, latent_rule, latent_size, encode_mode) -> None:
+    check_choice("compile", compile, COMPILE_MODES)
+    check_choice("latent_rule", latent_rule, ("native", "resize"))
+    check_choice("encode_mode", encode_mode, ENCODE_MODES)
+    if latent_rule == "resize" and latent_size is None:
+        raise ValueError("latent_rule 'resize' needs latent_size=(height, width), e.g. (512, 512)")
+
+
 class SD3Backend:
     """SD3 transformer + VAE; ``velocity`` in the project's notation (v = ε − x0).
 
@@ -83,39 +91,21 @@ class SD3Backend:
     ):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-        check_choice("compile", compile, COMPILE_MODES)
-        check_choice("latent_rule", latent_rule, ("native", "resize"))
-        check_choice("encode_mode", encode_mode, ENCODE_MODES)
-        if latent_rule == "resize" and latent_size is None:
-            raise ValueError("latent_rule 'resize' needs latent_size=(height, width), e.g. (512, 512)")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.model_id = pretrained_model_name_or_path
+        _check_options(compile, latent_rule, latent_size, encode_mode)  # before any download
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         kw = hub_kwargs(revision, local_files_only)
         path = pretrained_model_name_or_path
         scheduler = load_component(FlowMatchEulerDiscreteScheduler, path, "scheduler", **kw)
         if scheduler.config.get("use_dynamic_shifting", False) and shift is None:
             raise ValueError(f"{path!r} uses resolution-dependent (dynamic) shifting; pass a fixed shift=")
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self.shift = float(scheduler.config.shift if shift is None else shift)
-        self.convention = flow.sd3_convention(self.shift, time_convention)
-        self.transformer = freeze(load_component(SD3Transformer2DModel, path, "transformer", torch_dtype=self.dtype, **kw),
-                                  self.device, self.dtype)
-        self.vae = freeze(load_component(AutoencoderKL, path, "vae", torch_dtype=self.dtype, **kw), self.device, self.dtype)
-        channels = self.transformer.config.in_channels
-        if channels != LATENT_CHANNELS or self.vae.config.latent_channels != LATENT_CHANNELS:
-            raise ValueError(f"{path!r} is not an SD3 model: transformer/VAE have {channels}/"
-                             f"{self.vae.config.latent_channels} latent channels, SD3 has {LATENT_CHANNELS}")
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
-        self.latent_rule, self.latent_size, self.encode_mode = latent_rule, latent_size, encode_mode
-        self._speed_options(compile, vae_channels_last, vae_checkpointing)
-
-    def _speed_options(self, compile, vae_channels_last, vae_checkpointing) -> None:
-        self.vae_channels_last = bool(vae_channels_last)
-        configure_vae(self.vae, channels_last=self.vae_channels_last, checkpointing=vae_checkpointing)
-        maybe_compile(self.transformer, compile)
+        self._setup(
+            load_component(SD3Transformer2DModel, path, "transformer", torch_dtype=dtype, **kw),
+            load_component(AutoencoderKL, path, "vae", torch_dtype=dtype, **kw),
+            device, dtype, float(scheduler.config.shift if shift is None else shift),
+            int(scheduler.config.num_train_timesteps), time_convention, latent_rule, latent_size, encode_mode, path,
+            compile, vae_channels_last, vae_checkpointing,
+        )
 
     @classmethod
     def from_modules(
@@ -135,22 +125,31 @@ class SD3Backend:
         vae_checkpointing: bool = False,
     ) -> "SD3Backend":
         """Wrap already-built modules (benchmarks, tests); device and dtype are the transformer's."""
-        check_choice("latent_rule", latent_rule, ("native", "resize"))
-        check_choice("encode_mode", encode_mode, ENCODE_MODES)
-        if transformer.config.in_channels != LATENT_CHANNELS or vae.config.latent_channels != LATENT_CHANNELS:
-            raise ValueError(f"SD3 modules need {LATENT_CHANNELS} latent channels")
+        _check_options(compile, latent_rule, latent_size, encode_mode)
         self = cls.__new__(cls)
         p = next(transformer.parameters())
-        self.device, self.dtype, self.model_id = p.device, p.dtype, model_id
-        self.num_train_timesteps, self.shift = num_train_timesteps, float(shift)
-        self.convention = flow.sd3_convention(self.shift, time_convention)
-        self.transformer, self.vae = freeze(transformer, self.device, self.dtype), freeze(vae, self.device, self.dtype)
+        self._setup(transformer, vae, p.device, p.dtype, float(shift), num_train_timesteps, time_convention,
+                    latent_rule, latent_size, encode_mode, model_id, compile, vae_channels_last, vae_checkpointing)
+        return self
+
+    def _setup(self, transformer, vae, device, dtype, shift, num_train_timesteps, time_convention, latent_rule,
+               latent_size, encode_mode, model_id, compile, vae_channels_last, vae_checkpointing) -> None:
+        """What both constructors share: frozen modules, conventions, codec constants, speed options."""
+        channels = transformer.config.in_channels
+        if channels != LATENT_CHANNELS or vae.config.latent_channels != LATENT_CHANNELS:
+            raise ValueError(f"{model_id!r} is not an SD3 model: transformer/VAE have {channels}/"
+                             f"{vae.config.latent_channels} latent channels, SD3 has {LATENT_CHANNELS}")
+        self.device, self.dtype, self.model_id = torch.device(device), dtype, model_id
+        self.num_train_timesteps, self.shift = num_train_timesteps, shift
+        self.convention = flow.sd3_convention(shift, time_convention)
+        self.transformer, self.vae = freeze(transformer, self.device, dtype), freeze(vae, self.device, dtype)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(vae.config.shift_factor or 0.0)
         self.latent_rule, self.latent_size, self.encode_mode = latent_rule, latent_size, encode_mode
-        self._speed_options(compile, vae_channels_last, vae_checkpointing)
-        return self
+        self.vae_channels_last = bool(vae_channels_last)
+        configure_vae(self.vae, channels_last=self.vae_channels_last, checkpointing=vae_checkpointing)
+        maybe_compile(self.transformer, compile)
 
     # ------------------------------------------------------------------ velocity
     def _check_latents(self, name: str, x: Tensor) -> None:
