@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -67,17 +68,23 @@ class EmbeddingCache:
         return os.path.join(self.dir, key + ".safetensors")
 
     def load(self, spec: dict, prompt: str) -> Optional[Embeddings]:
-        """The cached tensors, or None if absent, unreadable, for another spec or corrupt."""
-        from safetensors import safe_open
+        """The cached tensors, or None if absent, unreadable, for another spec or corrupt.
 
-        path = self.path(cache_key(spec, prompt))
-        if not os.path.exists(path):
+        The file is read once into memory and header and tensors are parsed from that one
+        snapshot: ``safetensors.safe_open`` may open the path again for the tensors, and a
+        concurrent ``os.replace`` would then pair one file's metadata with another's tensors."""
+        from safetensors.torch import load as load_bytes
+
+        try:
+            with open(self.path(cache_key(spec, prompt)), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
             return None
         try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception:  # truncated/corrupt file: safetensors raises its own error types
+            (n,) = struct.unpack("<Q", data[:8])
+            meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+            tensors = load_bytes(data)
+        except Exception:  # truncated/corrupt file: struct, json and safetensors raise their own types
             return None
         entry = json.dumps({"spec": spec, "prompt": prompt}, sort_keys=True, default=str)
         if meta.get("entry") != entry or meta.get("sha256") != tensors_digest(tensors):
