@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from threestudio_rfds import flow
 from threestudio_rfds.backends import load_backend
 from threestudio_rfds.backends.base import ModelLoadError
 from threestudio_rfds.backends.instaflow import InstaFlowBackend

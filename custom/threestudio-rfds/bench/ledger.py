@@ -12,8 +12,6 @@ import os
 import time
 from typing import Any, Dict, Iterator, List
 
-from ..atomic import atomic_write
-
 FINAL = ("done", "failed", "interrupted")
 
 
@@ -61,12 +59,3 @@ class Ledger:
 
     def finished(self, statuses=("done",)) -> List[str]:
         return [rid for rid, rec in self.state().items() if rec["status"] in statuses]
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-
-    atomic_write(path, write)

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from .ledger import Ledger, write_json_atomic
+from ..atomic import write_json
+from .ledger import Ledger
 from .suite import Run, Suite, SuiteError, suite_digest
 
 MEMWRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memwrap.py")
@@ -181,7 +182,7 @@ def run_suite(
 
     check_out_dir(out_dir, suite)
     os.makedirs(out_dir, exist_ok=True)
-    write_json_atomic(os.path.join(out_dir, "suite.json"), {**suite.to_dict(), "digest": suite_digest(suite)})
+    write_json(os.path.join(out_dir, "suite.json"), {**suite.to_dict(), "digest": suite_digest(suite)}, sort_keys=True)
     for i, r in enumerate(runs):
         prev = state.get(r.run_id, {}).get("status")
         if prev in skip_status:

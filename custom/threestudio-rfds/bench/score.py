@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from ..backends.base import resolve_device
-from .ledger import Ledger, write_json_atomic
+from ..atomic import write_json
+from .ledger import Ledger
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -171,5 +172,5 @@ def score_results(out_dir: str, scorer: ClipScorer, *, panel: str = "first-squar
         log(f"{rid}: CLIP score {cs.mean():.2f}, R-precision {runs[rid]['r_precision']:.3f} over {len(views)} views")
     result = {"clip_model": scorer.name, "panel": panel, "max_views": max_views, "prompts": prompts,
               "r_precision_informative": len(prompts) > 1, "runs": runs}
-    write_json_atomic(os.path.join(out_dir, "scores.json"), result)
+    write_json(os.path.join(out_dir, "scores.json"), result, sort_keys=True)
     return result

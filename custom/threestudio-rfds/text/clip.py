@@ -3,7 +3,7 @@ prompts padded to the tokenizer's 77 tokens (StableDiffusionPipeline.encode_prom
 from __future__ import annotations
 
 import gc
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor

@@ -3,8 +3,6 @@ the run record (settings + versions) and the loss curves."""
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import platform
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -85,22 +83,6 @@ def run_record(tool: str, args: argparse.Namespace, argv: Optional[Sequence[str]
     """Settings (all parsed arguments), the command line and the library versions."""
     return {"tool": tool, "argv": list(sys.argv[1:] if argv is None else argv), "settings": vars(args).copy(),
             "versions": versions(), **extra}
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)  # JSON has no inf/nan
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-def write_json(path: str, obj: Dict[str, Any]) -> str:
-    with open(path, "w") as f:
-        json.dump(_finite(obj), f, indent=2, default=str)
-    return path
 
 
 def plot_curves(history: Dict[str, List[float]], path: str, title: str = "") -> str:

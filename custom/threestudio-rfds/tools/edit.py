@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..atomic import write_json
 from . import common, images
 
 FAMILY_DEFAULTS = {
@@ -221,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         outputs=["source.png", "reconstruction.png", "edit.png", "comparison.png", "curves.png"],
         psnr_definition="10·log10(1 / mean((source − reconstruction)²)) on float64 images in [0, 1]",
         peak_cuda_mem_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
-    common.write_json(p("run.json"), record)
+    write_json(p("run.json"), record)
     for n in res["notes"]:
         print(f"rfds-edit: note: {n}")
     print(f"rfds-edit: reconstruction PSNR {metrics['psnr_reconstruction_db']:.2f} dB "

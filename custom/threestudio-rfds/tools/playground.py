@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..atomic import write_json
 from . import common, images
 
 DEFAULTS = {  # the reference 2D scripts' settings per model family
@@ -151,7 +152,7 @@ def save_outputs(res: Dict[str, object], args) -> Dict[str, object]:
     files.append(images.save_gif([images.grid(ims) for _, ims in res["frames"]], os.path.join(args.out, "progress.gif")))
     files.append(common.plot_curves(res["history"], os.path.join(args.out, "curves.png"),
                                     title=f"{args.algorithm} / {args.model} / {args.space}: {args.prompt}"))
-    files.append(common.write_json(os.path.join(args.out, "history.json"), res["history"]))
+    files.append(write_json(os.path.join(args.out, "history.json"), res["history"]))
     return {"files": [os.path.basename(f) for f in files], "frame_steps": [s for s, _ in res["frames"]]}
 
 
@@ -175,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                final={"loss": h["loss"][-1], "grad_norm": h["grad_norm"][-1]},
                                timing_s={"load": t1 - t0, "optimise": t2 - t1, "per_step": (t2 - t1) / args.steps},
                                peak_cuda_mem_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
-    common.write_json(os.path.join(args.out, "run.json"), record)
+    write_json(os.path.join(args.out, "run.json"), record)
     print(f"rfds-2d: {args.steps} steps in {t2 - t1:.1f}s ({(t2 - t1) / args.steps * 1000:.0f} ms/step); "
           f"final loss {h['loss'][-1]:.4g}; outputs in {args.out}")
     return 0
