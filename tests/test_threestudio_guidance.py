@@ -123,7 +123,7 @@ def test_instaflow_guidance_with_threestudio_prompt_utils(ts, workdir, tiny_inst
     pu = ts.find("rfds-instaflow-prompt-processor")(cfg)()
     from threestudio.models.prompt_processors.base import PromptProcessorOutput
 
-    assert type(pu) is PromptProcessorOutput and pu.text_embeddings.shape == (1, 77, 32)
+    assert isinstance(pu, PromptProcessorOutput) and not pu.has_pooled and pu.text_embeddings.shape == (1, 77, 32)
     g = guidance(ts, kind, tiny_instaflow_path)
     logits = render_stand_in(batch)
     out = g(torch.sigmoid(logits), pu, **batch)
@@ -267,3 +267,43 @@ def test_compile_flag_and_backend_options(ts, tiny_sd3_path, tiny_instaflow_path
         guidance(ts, "rfds-sd3-guidance", tiny_sd3_path, backend_options={"no_such_option": 1})
     g = guidance(ts, "rfds-sd3-guidance", tiny_sd3_path, backend_options={"encode_mode": "mean"})
     assert g.backend.encode_mode == "mean"
+
+
+# ---------------------------------------------------------------- host syncs (issue: performance)
+def test_sync_free_text_embeddings_equal_threestudios(ts, workdir, sd3_utils, tiny_instaflow_path):
+    """Our view-direction lookup (torch.where) picks what threestudio's boolean-mask loop picks,
+    for cameras on and near every direction boundary."""
+    from threestudio.models.prompt_processors.base import PromptProcessorOutput
+
+    clip = ts.find("rfds-instaflow-prompt-processor")(
+        {"pretrained_model_name_or_path": tiny_instaflow_path, "prompt": "a dog", "spawn": False})()
+    ele = torch.tensor([0.0, 10.0, 59.9, 60.0, 61.0, 30.0, -5.0, 20.0, 0.0, 0.0])
+    azi = torch.tensor([0.0, 44.9, 45.0, 45.1, 135.0, 134.9, 180.0, -135.1, -45.0, -90.0])
+    dist = torch.full_like(ele, 1.5)
+    for pu in (sd3_utils, clip):
+        for vd in (True, False):
+            ours = pu.get_text_embeddings(ele, azi, dist, vd)
+            theirs = PromptProcessorOutput.get_text_embeddings(pu, ele, azi, dist, vd)
+            assert torch.equal(ours, theirs)
+    assert len(set(sd3_utils.direction_index(ele, azi, dist).tolist())) == 4  # every direction was hit
+
+
+@pytest.mark.parametrize("kind", ["rfds-sd3-guidance", "rfds-rev-sd3-guidance", "rfds-instaflow-guidance",
+                                  "rfds-rev-instaflow-guidance"])
+def test_guidance_call_has_one_deferred_host_sync(ts, workdir, tiny_sd3_path, tiny_instaflow_path, sd3_utils,
+                                                  batch, kind):
+    """The whole guidance call with view-dependent prompts, backward included, queues its work
+    without a host sync but the deferred finiteness check of x0 (tests/sync_recorder.py)."""
+    from sync_recorder import SyncRecorder
+
+    if "instaflow" in kind:
+        pu = ts.find("rfds-instaflow-prompt-processor")(
+            {"pretrained_model_name_or_path": tiny_instaflow_path, "prompt": "a dog", "spawn": False})()
+        g = guidance(ts, kind, tiny_instaflow_path)
+    else:
+        pu, g = sd3_utils, guidance(ts, kind, tiny_sd3_path)
+    logits = render_stand_in(batch)
+    with SyncRecorder() as rec:
+        out = g(torch.sigmoid(logits), pu, **batch)
+        out["loss_rfds"].backward()
+    assert [(n, w.split(":")[0]) for n, w in rec.calls] == [("__bool__", "checks.py")], rec.calls

@@ -33,8 +33,10 @@ CACHE_ROOT = ".threestudio_cache/text_embeddings"  # threestudio's (hard-coded t
 class RFDSPromptProcessorOutput(PromptProcessorOutput):
     """threestudio's output plus SD3's pooled embeddings ([1, P] and [Nv, P] per direction).
 
-    ``get_text_embeddings``/``get_text_embeddings_perp_neg`` are threestudio's (sequence
-    embeddings); the ``get_pooled_*`` twins return the matching pooled embeddings."""
+    ``get_text_embeddings`` picks the same embeddings as threestudio's but without a host sync
+    (threestudio's boolean-mask assignment syncs on CUDA, four times per step);
+    ``get_text_embeddings_perp_neg`` is threestudio's (a per-camera loop); the ``get_pooled_*``
+    twins return the matching pooled embeddings."""
 
     pooled_embeddings: Optional[Tensor] = None
     uncond_pooled_embeddings: Optional[Tensor] = None
@@ -52,9 +54,19 @@ class RFDSPromptProcessorOutput(PromptProcessorOutput):
     def direction_index(self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor) -> Tensor:
         """Index of the view direction of each camera (threestudio's rule: later directions win)."""
         idx = torch.zeros_like(elevation, dtype=torch.long)
-        for d in self.directions:
-            idx[d.condition(elevation, azimuth, camera_distances)] = self.direction2idx[d.name]
+        for d in self.directions:  # torch.where, not idx[mask] = i: no host sync
+            idx = torch.where(d.condition(elevation, azimuth, camera_distances), self.direction2idx[d.name], idx)
         return idx
+
+    def get_text_embeddings(
+        self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor, view_dependent_prompting: bool = True
+    ) -> Tensor:
+        """[2B, L, D]: (cond, uncond) sequence embeddings, as threestudio's."""
+        if view_dependent_prompting:
+            idx = self.direction_index(elevation, azimuth, camera_distances)
+            return torch.cat([self.text_embeddings_vd[idx], self.uncond_text_embeddings_vd[idx]], dim=0)
+        b = elevation.shape[0]
+        return torch.cat([self.text_embeddings.expand(b, -1, -1), self.uncond_text_embeddings.expand(b, -1, -1)], dim=0)
 
     def get_pooled_embeddings(
         self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor, view_dependent_prompting: bool = True
@@ -88,9 +100,19 @@ class RFDSPromptProcessorOutput(PromptProcessorOutput):
 
 
 class _RFDSCacheMixin:
-    """Device fallback, a cache subfolder per encoder setting and a picklable spawn target."""
+    """Device fallback, a cache subfolder per encoder setting, a picklable spawn target and
+    :class:`RFDSPromptProcessorOutput` as the output."""
 
     family: str = ""
+
+    def pooled_outputs(self) -> dict:
+        """The pooled-embedding fields of the output (none for CLIP-only models)."""
+        return {}
+
+    def __call__(self) -> RFDSPromptProcessorOutput:
+        base = PromptProcessor.__call__(self)
+        return RFDSPromptProcessorOutput(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+                                         **self.pooled_outputs())
 
     def encoder_options(self) -> dict:
         return {"device": "auto", "dtype": self.cfg.encode_dtype, "local_files_only": self.cfg.local_files_only}
@@ -149,15 +171,10 @@ class SD3PromptProcessor(_RFDSCacheMixin, PromptProcessor):
         self.text_embeddings_vd, self.pooled_embeddings_vd = stack(self.prompts_vd)
         self.uncond_text_embeddings_vd, self.uncond_pooled_embeddings_vd = stack(self.negative_prompts_vd)
 
-    def __call__(self) -> RFDSPromptProcessorOutput:
-        base = PromptProcessor.__call__(self)
-        return RFDSPromptProcessorOutput(
-            **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
-            pooled_embeddings=self.pooled_embeddings,
-            uncond_pooled_embeddings=self.uncond_pooled_embeddings,
-            pooled_embeddings_vd=self.pooled_embeddings_vd,
-            uncond_pooled_embeddings_vd=self.uncond_pooled_embeddings_vd,
-        )
+    def pooled_outputs(self) -> dict:
+        return {"pooled_embeddings": self.pooled_embeddings, "uncond_pooled_embeddings": self.uncond_pooled_embeddings,
+                "pooled_embeddings_vd": self.pooled_embeddings_vd,
+                "uncond_pooled_embeddings_vd": self.uncond_pooled_embeddings_vd}
 
 
 class InstaFlowPromptProcessor(_RFDSCacheMixin, StableDiffusionPromptProcessor):

@@ -1,0 +1,67 @@
+"""A guidance step (VAE encode, CFG velocity, target, backward) queues its work without a host
+sync: the only syncing call is the deferred finiteness check of x0, made after every model call
+has been queued (issue: no per-step host syncs).  Recorded on CPU with a TorchFunctionMode."""
+import pytest
+import torch
+
+from sync_recorder import SyncRecorder
+from threestudio_rfds import rfds as core
+from threestudio_rfds.backends import load_backend
+
+DEFERRED_CHECK = ("__bool__", "checks.py")
+
+
+def _conds(backend, b):
+    g = torch.Generator().manual_seed(0)
+    if hasattr(backend, "transformer"):
+        cfg = backend.transformer.config
+        cond = {"prompt_embeds": torch.randn(b, 8, cfg.joint_attention_dim, generator=g),
+                "pooled_prompt_embeds": torch.randn(b, cfg.pooled_projection_dim, generator=g)}
+    else:
+        cond = {"encoder_hidden_states": torch.randn(b, 77, backend.unet.config.cross_attention_dim, generator=g)}
+    return cond, {k: torch.zeros_like(v) for k, v in cond.items()}
+
+
+@pytest.fixture(scope="module", params=["sd3", "instaflow"])
+def backend(request, tiny_sd3_path, tiny_instaflow_path):
+    if request.param == "sd3":
+        return load_backend("sd3", pretrained_model_name_or_path=tiny_sd3_path, device="cpu")
+    return load_backend("instaflow", pretrained_model_name_or_path=tiny_instaflow_path, device="cpu",
+                        latent_size=(64, 64))
+
+
+@pytest.mark.parametrize("algorithm", ["rfds", "rfds_rev"])
+@pytest.mark.parametrize("cfg_batched", [True, False])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_one_deferred_sync_per_step(backend, algorithm, cfg_batched, seeded):
+    cond, uncond = _conds(backend, 2)
+    rgb = torch.rand(2, 3, 64, 64, requires_grad=True)
+    gen = torch.Generator().manual_seed(1) if seeded else None
+    calls = []
+    velocity = backend.velocity
+
+    def logged_velocity(*a, **k):
+        calls.append("velocity")
+        return velocity(*a, **k)
+
+    backend.velocity = logged_velocity
+    try:
+        with SyncRecorder() as rec:
+            x0 = backend.encode(rgb, generator=gen)
+            out = getattr(core, algorithm)(backend, x0, cond, uncond, 7.5, cfg_batched=cfg_batched, generator=gen)
+            calls.append("step returned")
+            out.loss.backward()
+    finally:
+        del backend.velocity
+    assert rgb.grad is not None and rgb.grad.abs().sum() > 0
+    assert len(rec.calls) == 1, f"host syncs in the step: {rec.calls}"
+    name, where = rec.calls[0]
+    assert (name, where.split(":")[0]) == DEFERRED_CHECK and where.endswith("in check")
+    assert calls[-1] == "step returned" and calls.count("velocity") >= (1 if cfg_batched else 2)
+
+
+def test_the_recorder_sees_a_sync_inside_the_package(backend):
+    """The recorder is not blind: the eager finiteness check (check_values=True) is recorded."""
+    with SyncRecorder() as rec:
+        core._check_inputs(torch.zeros(2, 4), None, None, check_values=True)
+    assert rec.calls and rec.calls[0][1].startswith("checks.py")
