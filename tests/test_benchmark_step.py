@@ -45,6 +45,17 @@ def test_speed_options_reach_both_backends(capsys):
     assert all(r["vae_channels_last"] and r["vae_checkpointing"] and r["label"] == "lean" for r in recs)
 
 
+def test_compile_flags_compile_the_denoiser_and_the_vae_encoder(monkeypatch):
+    built = []
+    real_build = gs.build
+    monkeypatch.setattr(gs, "build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    monkeypatch.setattr(gs, "run_case", lambda *a, **k: {})  # compiling on the CPU takes ~20 s: build only
+    gs.run(gs.parse_args(["--tiny", "--cases", "sd3-rfds", "--compile", "--compile-vae", "max-autotune-no-cudagraphs"]))
+    (backend, _, _), = built
+    assert gs.denoiser(backend)._compiled_call_impl is not None
+    assert backend.vae.encoder._compiled_call_impl is not None and backend.vae.decoder._compiled_call_impl is None
+
+
 @pytest.mark.parametrize("model,cls", [("sd3", SD3Backend), ("instaflow", InstaFlowBackend)])
 def test_build_wraps_real_backends(model, cls):
     backend, cond, uncond = gs.build(model, torch.device("cpu"), torch.float32, 64, tiny=True)

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..backends.base import resolve_dtype
+from ..backends.base import maybe_compile, resolve_dtype
 from ..rfds import rfds, rfds_rev
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -180,6 +180,7 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
         "batch": args.batch,
         "cfg_mode": args.cfg_mode,
         "compile": args.compile,
+        "compile_vae": args.compile_vae,
         "vae_channels_last": backend.vae_channels_last,
         "vae_checkpointing": args.vae_checkpointing,
         "label": args.label,
@@ -199,6 +200,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="?", const=True, default=False,
                    choices=[True, "default", "max-autotune-no-cudagraphs"],
                    help="torch.compile the transformer / UNet (optionally a mode)")
+    p.add_argument("--compile-vae", nargs="?", const=True, default=False,
+                   choices=[True, "default", "max-autotune-no-cudagraphs"],
+                   help="also torch.compile the VAE encoder (a lever under measurement, not a backend option yet)")
     p.add_argument("--vae-channels-last", action="store_true", help="channels-last VAE weights and input")
     p.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in the VAE encoder")
     p.add_argument("--label", default="", help="free text copied into each JSON line")
@@ -229,6 +233,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
         backend, cond, uncond = build(model, device, dtype, args.resolution, args.tiny, compile=args.compile,
                                       vae_channels_last=args.vae_channels_last,
                                       vae_checkpointing=args.vae_checkpointing)
+        maybe_compile(backend.vae.encoder, args.compile_vae)
         for algorithm in algorithms:
             rec = run_case(backend, model, algorithm, cond, uncond, args, device, dtype)
             print(json.dumps(rec), flush=True)
