@@ -1,8 +1,8 @@
-"""threestudio integration: registers the RFDS guidance types and prompt processors.
+"""threestudio integration: registers the RFDS guidance types, prompt processors and aliases.
 
     rfds-sd3-guidance, rfds-rev-sd3-guidance, rfds-instaflow-guidance, rfds-rev-instaflow-guidance
     rfds-sd3-prompt-processor, rfds-instaflow-prompt-processor
-    aliases for the paper's configs: RFDS, RFDS-Rev, RFDS-sd3, RFDS-Rev-sd3, sd3-prompt-processor
+    aliases for the paper's configs: RFDS, RFDS-Rev, RFDS-sd3, RFDS-Rev-sd3, sd3-prompt-processor, rf-system
 
 Only this subpackage imports threestudio, and only when :func:`register` is called.
 """
@@ -17,8 +17,10 @@ __all__ = ["register", "registered_names"]
 def _classes() -> Dict[str, type]:
     from .guidance import GUIDANCES, REFERENCE_ALIASES
     from .prompt_processor import PROMPT_PROCESSORS, SD3PromptProcessor
+    from .system import SYSTEMS
 
-    return {**GUIDANCES, **PROMPT_PROCESSORS, **REFERENCE_ALIASES, "sd3-prompt-processor": SD3PromptProcessor}
+    return {**GUIDANCES, **PROMPT_PROCESSORS, **REFERENCE_ALIASES, "sd3-prompt-processor": SD3PromptProcessor,
+            **SYSTEMS}
 
 
 def _same(a: type, b: type) -> bool:
