@@ -4,6 +4,7 @@ import torch
 
 from analytic_cases import labels, mixture
 from threestudio_rfds import checks, flow, rfds as R
+from threestudio_rfds.protocol import cfg_velocity
 
 B = 2
 
@@ -86,7 +87,38 @@ def test_irfds_bad_input(model):
         R.irfds_loss(model, x0, eps, c, min_step_percent=0.9, max_step_percent=0.1)
 
 
+@pytest.mark.parametrize("fn", [R.rfds, R.rfds_rev])
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "7.5", None])
+def test_guidance_scale_must_be_a_finite_number(model, fn, scale):
+    with pytest.raises(ValueError, match=f"guidance_scale must be a finite number, got {scale!r}"):
+        fn(model, torch.zeros(B, 2), labels(B, 1), labels(B, -1), scale)
+
+
+def test_irfds_non_finite_inputs_and_bad_weight(model):
+    x0, eps, t, c = torch.zeros(B, 2), torch.zeros(B, 2), torch.full((B,), 0.5), labels(B, 1)
+    nan = torch.tensor([[0.0, float("nan")], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="eps contains 1 non-finite"):
+        R.irfds_update(model, x0, nan, t, c)
+    with pytest.raises(ValueError, match="x0 contains 1 non-finite"):
+        R.irfds_update(model, nan, eps, t, c)
+    with pytest.raises(ValueError, match="eps contains 1 non-finite"):
+        R.irfds_loss(model, x0, nan.clone().requires_grad_(), c)
+    with pytest.raises(ValueError, match=r"reg_weight must be a finite number >= 0.0, got -1"):
+        R.irfds_loss(model, x0, eps, c, reg_weight=-1)
+
+
+def test_cfg_velocity_checks_batch_and_scale(model):
+    with pytest.raises(ValueError, match="batch sizes must match, got x_t=2, t=3"):
+        cfg_velocity(model, torch.zeros(B, 2), torch.full((3,), 0.5), labels(B, 1), labels(B, -1), 3.0)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number, got nan"):
+        cfg_velocity(model, torch.zeros(B, 2), torch.full((B,), 0.5), labels(B, 1), labels(B, -1), float("nan"))
+
+
 def test_flow_bad_input():
+    with pytest.raises(ValueError, match=r"t_max must be a number in \[0.0, 1.0\], got 1.5"):
+        flow.time_grid(4, t_max=1.5)
+    with pytest.raises(ValueError, match=r"t_min must be a number in \[0.0, 0.5\], got 0.7"):
+        flow.time_grid(4, t_max=0.5, t_min=0.7)
     with pytest.raises(ValueError, match="time_convention must be 'model' or 'reference', got 'paper'"):
         flow.sd3_convention(time_convention="paper")
     with pytest.raises(ValueError, match="time_convention"):
@@ -122,6 +154,9 @@ def test_check_helpers():
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
         checks.check_time("t", torch.tensor([1.0001]))
     checks.check_time("t", torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"w must be a finite number >= 0, got True"):
+        checks.check_number("w", True, low=0)
+    checks.check_number("w", 0, low=0)
 
 
 class Exploding:

@@ -2,6 +2,7 @@
 argument, the bad value and what is allowed."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -12,6 +13,13 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
     """``low <= value <= high`` for a Python number."""
     if not isinstance(value, (int, float)) or not (low <= float(value) <= high):
         raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+
+
+def check_number(name: str, value: float, low: float = -math.inf) -> None:
+    """A finite Python number ``>= low`` (e.g. a guidance scale, a loss weight)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        allowed = "a finite number" + ("" if low == -math.inf else f" >= {low}")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def check_choice(name: str, value, allowed: Iterable) -> None:

@@ -7,7 +7,10 @@ Every model in this project is described by the interpolant
 and its velocity v_t = dx_t/dt = ȧ(t)·x0 + ḃ(t)·ε.  All rectified flows used here are
 linear, a(t) = 1 − t and b(t) = t, so v = ε − x0.  A backend states how its network sees
 this (:class:`FlowConvention`): which timestep number it is fed, and the sign of what it
-predicts relative to v_t.  All functions are pure tensor functions (k-diffusion style).
+predicts relative to v_t.  All functions are pure tensor functions (k-diffusion style).  The
+formula helpers (``interpolate``, ``velocity_target``, ``x0_from_velocity``, ``eps_from_velocity``)
+do not validate t — that would be a host sync on every call of the hot path; the samplers here
+and the algorithms in :mod:`threestudio_rfds.rfds` check t before using them.
 """
 from __future__ import annotations
 
@@ -200,6 +203,8 @@ def time_grid(num_steps: int, shift: float = 1.0, t_max: float = 1.0, t_min: flo
     """num_steps + 1 noise levels from t_max down to t_min, shifted (SD3 sampling schedule)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    check_range("t_max", t_max, 0.0, 1.0)
+    check_range("t_min", t_min, 0.0, t_max)
     u = torch.linspace(t_max, t_min, num_steps + 1, device=device, dtype=torch.float64)
     return shift_time(u, shift).float()
 

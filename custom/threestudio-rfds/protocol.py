@@ -11,6 +11,7 @@ from typing import Dict, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .checks import check_batch, check_number
 from .flow import FlowConvention
 
 Cond = Dict[str, Tensor]
@@ -81,7 +82,8 @@ def cfg_velocity(
     ``batched`` runs cond and uncond in one call of batch 2B; otherwise two calls (less memory).
     ``guidance_scale == 1`` skips the unconditional pass.
     """
-    b = x_t.shape[0]
+    check_number("guidance_scale", guidance_scale)
+    b = check_batch(("x_t", "t"), x_t, t)
     cond, uncond = expand_cond(cond, b, "cond"), expand_cond(uncond, b, "uncond")
     if guidance_scale == 1.0:
         return model.velocity(x_t, t, cond)

@@ -5,6 +5,7 @@ Notation (flow.py): x_t = a(t)·x0 + b(t)·ε, v = ȧ·x0 + ḃ·ε = ε − x0,
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Literal, Optional, Union
 
@@ -12,7 +13,8 @@ import torch
 from torch import Tensor
 
 from . import flow
-from .checks import check_batch, check_choice, check_finite, check_range, check_time, deferred_check_finite
+from .checks import (check_batch, check_choice, check_finite, check_number, check_range, check_time,
+                     deferred_check_finite)
 from .protocol import Cond, VelocityModel, cfg_velocity
 
 Weighting = Literal["none", "sigmoid", "sds"]
@@ -72,7 +74,7 @@ class RFDSOutput:
     x_t: Tensor
     v_pred: Tensor  # v̂ (with CFG)
     weights: Tensor  # [B]
-    num_nonfinite: Tensor  # 0-d count of replaced NaN/inf in v̂
+    num_nonfinite: Tensor  # 0-d count of replaced NaN/inf in v̂ (RFDS-Rev: inner and outer passes)
 
     def logs(self) -> Dict[str, Tensor]:
         """Scalar tensors for logging (safe for ``self.log`` in Lightning)."""
@@ -220,11 +222,11 @@ def irfds_update(
     The reference SD3 update ε' = ε + (1 − σ)(v̂ + x0 − ε) is this with η = 1 − σ; the
     InstaFlow reference's ε' = x0 + v̂ is η = 1.
     """
-    _check_inputs(x0, t, eps, check_values=False)
     if t is None:
         raise ValueError("t must be a tensor of noise levels [B] in [0, 1], got None")
+    _check_inputs(x0, t, eps)
     check_step_size("step_size", step_size)
-    return _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale, uncond)
+    return _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale, uncond)[0]
 
 
 def _guided_velocity(model, x_t, t, cond, uncond, guidance_scale) -> Tensor:
@@ -234,11 +236,13 @@ def _guided_velocity(model, x_t, t, cond, uncond, guidance_scale) -> Tensor:
     return cfg_velocity(model, x_t, t, cond, uncond, guidance_scale)
 
 
-def _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale=1.0, uncond=None) -> Tensor:
+def _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale=1.0, uncond=None) -> tuple[Tensor, Tensor]:
+    """(ε', the number of NaN/inf replaced in v̂)."""
     x_t = flow.interpolate(x0, eps, t)
-    v, _ = replace_nonfinite(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(eps.dtype))
+    v, n_bad = replace_nonfinite(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(eps.dtype))
     eta = flow.append_dims(inner_step_size(step_size, t), eps.ndim).to(eps.dtype)
-    return eps + eta * flow.append_dims(flow.beta_dot(t), eps.ndim).to(eps.dtype) * (v - flow.velocity_target(x0, eps))
+    beta_dot = flow.append_dims(flow.beta_dot(t), eps.ndim).to(eps.dtype)
+    return eps + eta * beta_dot * (v - flow.velocity_target(x0, eps)), n_bad
 
 
 def noise_regulariser(eps: Tensor) -> Tensor:
@@ -265,9 +269,8 @@ def irfds_loss(
     ∂L/∂ε ∝ −ḃ·(v̂(x_t) − v(x0, ε)) plus ``reg_weight``·∂R/∂ε; minimising it with any optimiser
     finds the noise that the flow carries to x0.
     """
-    _check_inputs(x0, t, None)
-    if eps.shape != x0.shape:
-        raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
+    _check_inputs(x0, t, eps.detach() if torch.is_tensor(eps) else eps)
+    check_number("reg_weight", reg_weight, low=0.0)
     t, _ = _draw(model, x0, t, eps.detach(), min_step_percent, max_step_percent, generator)
     with torch.no_grad():
         e = eps.detach()
@@ -312,12 +315,14 @@ def rfds_rev(
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     x0_ = x0.detach()
     inner_model, inner_cond = inner_model or model, cond if inner_cond is None else inner_cond
+    inner_bad = []
     for _ in range(n_inner):
-        eps = _irfds_step(inner_model, x0_, eps, t, inner_cond, inner_step)
+        eps, n_bad = _irfds_step(inner_model, x0_, eps, t, inner_cond, inner_step)
+        inner_bad.append(n_bad)
     out = rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
                           grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
     check_x0()
-    return out
+    return dataclasses.replace(out, num_nonfinite=out.num_nonfinite + sum(inner_bad))  # inner and outer v̂
 
 
 ALGORITHMS = ("rfds", "rfds-rev")
