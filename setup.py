@@ -44,15 +44,14 @@ setup(
         "pillow>=9",
         "filelock>=3.12",
         "packaging>=21",
+        "matplotlib>=3.7",  # loss curves of rfds-2d / rfds-edit and the benchmark report's plots
     ],
     extras_require={
         "test": [
             "pytest>=7.4",
             "sentencepiece>=0.1.99",
             "protobuf>=3.20",
-            "matplotlib>=3.7",
         ],
-        "tools": ["matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [

@@ -300,8 +300,8 @@ class RFDSInstaFlowGuidance(RFDSGuidanceBase):
         weighting: str = "none"
         latent_rule: str = "resize"  # renders resized to 512² → 64² latents, as the reference
         latent_size: Optional[List[int]] = (512, 512)
-        # add W_finetuned − W_base to the UNet: the reference adds {base: runwayml/stable-diffusion-v1-5,
-        # finetuned: Lykon/absolute-reality-1.81}; null = plain InstaFlow
+        # add W_finetuned − W_base to the UNet: the reference adds {base: stable-diffusion-v1-5 (it named the
+        # since-removed runwayml repo), finetuned: Lykon/absolute-reality-1.81}; null = plain InstaFlow
         unet_delta: Optional[Dict[str, Any]] = None
         vae_path: Optional[str] = None
 

@@ -20,7 +20,8 @@ from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, latent_nois
                    maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
 
 DEFAULT_MODEL = "XCLIU/2_rectified_flow_from_sd_1_5"
-REFERENCE_DELTA = {"base": "runwayml/stable-diffusion-v1-5", "finetuned": "Lykon/absolute-reality-1.81"}
+# the reference names runwayml/stable-diffusion-v1-5, since removed from the hub; this is its official mirror
+REFERENCE_DELTA = {"base": "stable-diffusion-v1-5/stable-diffusion-v1-5", "finetuned": "Lykon/absolute-reality-1.81"}
 LATENT_CHANNELS = 4
 
 

@@ -150,9 +150,9 @@ def save_outputs(res: Dict[str, object], args) -> Dict[str, object]:
     rows = [images.hstack(ims, pad=2) for _, ims in res["frames"]]
     files.append(images.save_png(images.grid(rows, ncols=1), os.path.join(args.out, "progress_grid.png")))
     files.append(images.save_gif([images.grid(ims) for _, ims in res["frames"]], os.path.join(args.out, "progress.gif")))
+    files.append(write_json(os.path.join(args.out, "history.json"), res["history"]))  # the data before its plot
     files.append(common.plot_curves(res["history"], os.path.join(args.out, "curves.png"),
                                     title=f"{args.algorithm} / {args.model} / {args.space}: {args.prompt}"))
-    files.append(write_json(os.path.join(args.out, "history.json"), res["history"]))
     return {"files": [os.path.basename(f) for f in files], "frame_steps": [s for s, _ in res["frames"]]}
 
 
