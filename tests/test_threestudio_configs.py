@@ -90,9 +90,16 @@ def test_3dgs_types_resolve_with_the_extension(ts, workdir, paths):
         pytest.skip("threestudio-3dgs is not installed in THREESTUDIO_ROOT/custom")
     if "gaussian-splatting-system" not in ts.__modules__ and not load_custom_module(threestudio_root(), ext):
         pytest.skip("threestudio-3dgs is present but cannot be imported here (needs its CUDA rasterizer)")
+    from threestudio.utils.config import parse_structured
+
     cfg = load(ts, "rfds-sd3-3dgs.yaml", workdir, paths["sd3"])
     for t in (cfg.system_type, cfg.system.geometry_type, cfg.system.renderer_type, cfg.system.exporter_type):
         ts.find(t)
+    # the extension's Config classes accept every key the config sets (unknown keys raise)
+    parse_structured(ts.find(cfg.system_type).Config, cfg.system)
+    for part in ("geometry", "renderer", "material", "background", "exporter"):
+        if cfg.system.get(f"{part}_type") and cfg.system.get(part) is not None:
+            parse_structured(ts.find(cfg.system[f"{part}_type"]).Config, cfg.system[part])
 
 
 def _system_step(ts, cfg, guidance, prompt_utils, batch, rgb, step):

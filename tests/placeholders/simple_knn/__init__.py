@@ -1,0 +1,1 @@
+"""Import-only placeholder package for simple_knn (a CUDA extension of threestudio-3dgs)."""
