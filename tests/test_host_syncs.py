@@ -65,3 +65,31 @@ def test_the_recorder_sees_a_sync_inside_the_package(backend):
     with SyncRecorder() as rec:
         core._check_inputs(torch.zeros(2, 4), None, None, check_values=True)
     assert rec.calls and rec.calls[0][1].startswith("checks.py")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("algorithm", ["rfds", "rfds_rev"])
+def test_one_sync_per_step_on_cuda(tiny_sd3_path, algorithm):
+    """On a GPU, CUDA's own sync detector (which also sees syncs inside C++ kernels) counts the
+    synchronising calls of a warm step: only the deferred x0 check."""
+    import warnings
+
+    backend = load_backend("sd3", pretrained_model_name_or_path=tiny_sd3_path, device="cuda")
+    cond, uncond = (({k: v.cuda() for k, v in c.items()}) for c in _conds(backend, 2))
+    rgb = torch.rand(2, 3, 64, 64, device="cuda", requires_grad=True)
+
+    def step():
+        out = getattr(core, algorithm)(backend, backend.encode(rgb), cond, uncond, 7.5)
+        out.loss.backward()
+
+    step()  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
