@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from random_conds import random_conds
 from threestudio_rfds.backends import load_backend
 
 
@@ -49,13 +50,8 @@ def test_compiled_denoiser_gives_the_eager_velocity(family, tiny_sd3_path, tiny_
     extra = {"latent_size": (64, 64)} if family == "instaflow" else {}
     eager = load_backend(family, pretrained_model_name_or_path=path, device="cpu", **extra)
     compiled = load_backend(family, pretrained_model_name_or_path=path, device="cpu", compile=True, **extra)
-    g = torch.Generator().manual_seed(0)
-    if family == "sd3":
-        cfg = eager.transformer.config
-        cond = {"prompt_embeds": torch.randn(2, 8, cfg.joint_attention_dim, generator=g),
-                "pooled_prompt_embeds": torch.randn(2, cfg.pooled_projection_dim, generator=g)}
-    else:
-        cond = {"encoder_hidden_states": torch.randn(2, 77, eager.unet.config.cross_attention_dim, generator=g)}
+    cond, _ = random_conds(eager, 2)
+    g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, eager.latent_channels, 8, 8, generator=g), torch.tensor([0.3, 0.8])
     with torch.no_grad():
         torch.testing.assert_close(compiled.velocity(x, t, cond), eager.velocity(x, t, cond), rtol=1e-4, atol=1e-5)

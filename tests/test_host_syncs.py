@@ -4,22 +4,12 @@ has been queued (issue: no per-step host syncs).  Recorded on CPU with a TorchFu
 import pytest
 import torch
 
+from random_conds import random_conds
 from sync_recorder import SyncRecorder
 from threestudio_rfds import rfds as core
 from threestudio_rfds.backends import load_backend
 
 DEFERRED_CHECK = ("__bool__", "checks.py")
-
-
-def _conds(backend, b):
-    g = torch.Generator().manual_seed(0)
-    if hasattr(backend, "transformer"):
-        cfg = backend.transformer.config
-        cond = {"prompt_embeds": torch.randn(b, 8, cfg.joint_attention_dim, generator=g),
-                "pooled_prompt_embeds": torch.randn(b, cfg.pooled_projection_dim, generator=g)}
-    else:
-        cond = {"encoder_hidden_states": torch.randn(b, 77, backend.unet.config.cross_attention_dim, generator=g)}
-    return cond, {k: torch.zeros_like(v) for k, v in cond.items()}
 
 
 @pytest.fixture(scope="module", params=["sd3", "instaflow"])
@@ -34,7 +24,7 @@ def backend(request, tiny_sd3_path, tiny_instaflow_path):
 @pytest.mark.parametrize("cfg_batched", [True, False])
 @pytest.mark.parametrize("seeded", [False, True])
 def test_one_deferred_sync_per_step(backend, algorithm, cfg_batched, seeded):
-    cond, uncond = _conds(backend, 2)
+    cond, uncond = random_conds(backend, 2)
     rgb = torch.rand(2, 3, 64, 64, requires_grad=True)
     gen = torch.Generator().manual_seed(1) if seeded else None
     calls = []
@@ -75,7 +65,7 @@ def test_one_sync_per_step_on_cuda(tiny_sd3_path, algorithm):
     import warnings
 
     backend = load_backend("sd3", pretrained_model_name_or_path=tiny_sd3_path, device="cuda")
-    cond, uncond = (({k: v.cuda() for k, v in c.items()}) for c in _conds(backend, 2))
+    cond, uncond = (({k: v.cuda() for k, v in c.items()}) for c in random_conds(backend, 2))
     rgb = torch.rand(2, 3, 64, 64, device="cuda", requires_grad=True)
 
     def step():
