@@ -3,6 +3,8 @@ on the tiny models: view-dependent and Perp-Neg prompts, pooled embeddings on bo
 guidance_eval with threestudio's guidance_evaluation_save, latents and normal-map inputs,
 schedules, RFDS-Rev, device fallback and bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -271,8 +273,8 @@ def test_compile_flag_and_backend_options(ts, tiny_sd3_path, tiny_instaflow_path
 
 # ---------------------------------------------------------------- host syncs (issue: performance)
 def test_sync_free_text_embeddings_equal_threestudios(ts, workdir, sd3_utils, tiny_instaflow_path):
-    """Our view-direction lookup (torch.where) picks what threestudio's boolean-mask loop picks,
-    for cameras on and near every direction boundary."""
+    """Our view-direction lookup (torch.where) and batched Perp-Neg return what threestudio's
+    boolean-mask and per-camera loops return, for cameras on and near every boundary."""
     from threestudio.models.prompt_processors.base import PromptProcessorOutput
 
     clip = ts.find("rfds-instaflow-prompt-processor")(
@@ -285,23 +287,38 @@ def test_sync_free_text_embeddings_equal_threestudios(ts, workdir, sd3_utils, ti
             ours = pu.get_text_embeddings(ele, azi, dist, vd)
             theirs = PromptProcessorOutput.get_text_embeddings(pu, ele, azi, dist, vd)
             assert torch.equal(ours, theirs)
+        ours, ours_w = pu.get_text_embeddings_perp_neg(ele, azi, dist)
+        theirs, theirs_w = PromptProcessorOutput.get_text_embeddings_perp_neg(pu, ele, azi, dist)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours_w, theirs_w, rtol=0, atol=1e-6)
     assert len(set(sd3_utils.direction_index(ele, azi, dist).tolist())) == 4  # every direction was hit
+    # the pooled twin: threestudio's rule applied to the pooled embeddings as one-token sequences
+    as_seq = dataclasses.replace(sd3_utils, text_embeddings_vd=sd3_utils.pooled_embeddings_vd[:, None],
+                                 uncond_text_embeddings_vd=sd3_utils.uncond_pooled_embeddings_vd[:, None])
+    theirs, theirs_w = PromptProcessorOutput.get_text_embeddings_perp_neg(as_seq, ele, azi, dist)
+    ours, ours_w = sd3_utils.get_pooled_embeddings_perp_neg(ele, azi, dist)
+    torch.testing.assert_close(ours, theirs[:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_w, theirs_w, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="Perp-Neg needs view_dependent_prompting=True"):
+        sd3_utils.get_text_embeddings_perp_neg(ele, azi, dist, view_dependent_prompting=False)
 
 
 @pytest.mark.parametrize("kind", ["rfds-sd3-guidance", "rfds-rev-sd3-guidance", "rfds-instaflow-guidance",
                                   "rfds-rev-instaflow-guidance"])
-def test_guidance_call_has_one_deferred_host_sync(ts, workdir, tiny_sd3_path, tiny_instaflow_path, sd3_utils,
-                                                  batch, kind):
-    """The whole guidance call with view-dependent prompts, backward included, queues its work
-    without a host sync but the deferred finiteness check of x0 (tests/sync_recorder.py)."""
+@pytest.mark.parametrize("perp_neg", [False, True])
+def test_guidance_call_has_one_deferred_host_sync(ts, workdir, tiny_sd3_path, tiny_instaflow_path, batch, kind,
+                                                  perp_neg):
+    """The whole guidance call with view-dependent prompts (and Perp-Neg), backward included,
+    queues its work without a host sync but the deferred finiteness check of x0
+    (tests/sync_recorder.py)."""
     from sync_recorder import SyncRecorder
 
     if "instaflow" in kind:
-        pu = ts.find("rfds-instaflow-prompt-processor")(
-            {"pretrained_model_name_or_path": tiny_instaflow_path, "prompt": "a dog", "spawn": False})()
+        pu = ts.find("rfds-instaflow-prompt-processor")({"pretrained_model_name_or_path": tiny_instaflow_path,
+                                                         "prompt": "a dog", "spawn": False, "use_perp_neg": perp_neg})()
         g = guidance(ts, kind, tiny_instaflow_path)
     else:
-        pu, g = sd3_utils, guidance(ts, kind, tiny_sd3_path)
+        pu, g = sd3_prompts(ts, tiny_sd3_path, use_perp_neg=perp_neg), guidance(ts, kind, tiny_sd3_path)
     logits = render_stand_in(batch)
     with SyncRecorder() as rec:
         out = g(torch.sigmoid(logits), pu, **batch)

@@ -33,10 +33,10 @@ CACHE_ROOT = ".threestudio_cache/text_embeddings"  # threestudio's (hard-coded t
 class RFDSPromptProcessorOutput(PromptProcessorOutput):
     """threestudio's output plus SD3's pooled embeddings ([1, P] and [Nv, P] per direction).
 
-    ``get_text_embeddings`` picks the same embeddings as threestudio's but without a host sync
-    (threestudio's boolean-mask assignment syncs on CUDA, four times per step);
-    ``get_text_embeddings_perp_neg`` is threestudio's (a per-camera loop); the ``get_pooled_*``
-    twins return the matching pooled embeddings."""
+    ``get_text_embeddings`` and ``get_text_embeddings_perp_neg`` return threestudio's tensors
+    without host syncs (threestudio assigns through boolean masks, four syncs per step on CUDA,
+    and loops over the cameras for Perp-Neg, more per camera); the ``get_pooled_*`` twins return
+    the matching pooled embeddings."""
 
     pooled_embeddings: Optional[Tensor] = None
     uncond_pooled_embeddings: Optional[Tensor] = None
@@ -82,21 +82,62 @@ class RFDSPromptProcessorOutput(PromptProcessorOutput):
             uncond = self.uncond_pooled_embeddings.expand(b, -1)
         return torch.cat([cond, uncond], dim=0)
 
+    def perp_neg_embeddings(self, emb_vd: Tensor, uncond_vd: Tensor, elevation: Tensor, azimuth: Tensor,
+                            camera_distances: Tensor, view_dependent_prompting: bool = True) -> Tuple[Tensor, Tensor]:
+        """threestudio's Perp-Neg rule for per-direction embeddings ``emb_vd`` [Nv, ...], batched
+        (threestudio loops over the cameras and syncs on each; the tensors are the same):
+
+            overhead camera: positive = overhead, negatives = (uncond, uncond), weights (0, 0)
+            |azimuth| < 90:  r = 1 − |azimuth|/90, positive = r·front + (1−r)·side,
+                             negatives = (front, side), weights −(f_fs(r), f_sf(1−r))
+            otherwise:       r = 2 − |azimuth|/90, positive = r·side + (1−r)·back,
+                             negatives = (side, front), weights −(f_sb(r), f_fsb(r))
+
+        with f(a, b, c; r) = a·exp(−b·r) + c.  Returns ([4B, ...] = (positives, uncond, the two
+        negatives of each camera in turn), weights [B, 2])."""
+        if not view_dependent_prompting:
+            raise ValueError("Perp-Neg needs view_dependent_prompting=True")
+        idx = self.direction_index(elevation, azimuth, camera_distances)
+        side, front, back, overhead = (emb_vd[self.direction2idx[n]] for n in ("side", "front", "back", "overhead"))
+        abs_azi = (((azimuth + 180) % 360) - 180).abs()  # threestudio's shift_azimuth_deg, then |·|
+        front_half = abs_azi < 90
+        r = torch.where(front_half, 1 - abs_azi / 90, 2.0 - abs_azi / 90)
+        top = idx == self.direction2idx["overhead"]
+
+        def per_camera(cond: Tensor) -> Tensor:  # [B] → [B, 1, …] against [Nv-less] embeddings
+            return cond.reshape(-1, *([1] * side.ndim))
+
+        rb, fh, tb, uncond = per_camera(r), per_camera(front_half), per_camera(top), uncond_vd[idx]
+        positive = torch.where(fh, rb * front + (1 - rb) * side, rb * side + (1 - rb) * back)
+        positive = torch.where(tb, overhead, positive)
+        neg1 = torch.where(tb, uncond, torch.where(fh, front, side))
+        neg2 = torch.where(tb, uncond, torch.where(fh, side, front))
+
+        def decay(abc, x):
+            a, b, c = abc
+            return a * torch.exp(-b * x) + c
+
+        w1 = torch.where(front_half, -decay(self.perp_neg_f_fs, r), -decay(self.perp_neg_f_sb, r))
+        w2 = torch.where(front_half, -decay(self.perp_neg_f_sf, 1 - r), -decay(self.perp_neg_f_fsb, r))
+        weights = torch.where(top[:, None], 0.0, torch.stack([w1, w2], dim=1))
+        negatives = torch.stack([neg1, neg2], dim=1).flatten(0, 1)
+        return torch.cat([positive, uncond, negatives], dim=0), weights
+
+    def get_text_embeddings_perp_neg(
+        self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor, view_dependent_prompting: bool = True
+    ) -> Tuple[Tensor, Tensor]:
+        """([4B, L, D], weights [B, 2]): threestudio's, without its per-camera loop and syncs."""
+        return self.perp_neg_embeddings(self.text_embeddings_vd, self.uncond_text_embeddings_vd, elevation, azimuth,
+                                        camera_distances, view_dependent_prompting)
+
     def get_pooled_embeddings_perp_neg(
         self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor, view_dependent_prompting: bool = True
     ) -> Tuple[Tensor, Tensor]:
-        """([4B, P] as (positive, uncond, 2 negatives per sample), weights [B, 2]): threestudio's
-        Perp-Neg interpolation applied to the pooled embeddings."""
+        """([4B, P] as (positive, uncond, 2 negatives per sample), weights [B, 2]): the Perp-Neg
+        rule applied to the pooled embeddings."""
         self._require_pooled()
-        as_seq = dataclasses.replace(
-            self,
-            text_embeddings_vd=self.pooled_embeddings_vd[:, None],
-            uncond_text_embeddings_vd=self.uncond_pooled_embeddings_vd[:, None],
-        )
-        emb, weights = PromptProcessorOutput.get_text_embeddings_perp_neg(
-            as_seq, elevation, azimuth, camera_distances, view_dependent_prompting
-        )
-        return emb[:, 0], weights
+        return self.perp_neg_embeddings(self.pooled_embeddings_vd, self.uncond_pooled_embeddings_vd, elevation,
+                                        azimuth, camera_distances, view_dependent_prompting)
 
 
 class _RFDSCacheMixin:
