@@ -1,4 +1,5 @@
 """Bad input raises ValueError naming the argument (checks.py and its users in rfds/flow)."""
+import numpy as np
 import pytest
 import torch
 
@@ -157,6 +158,7 @@ def test_check_helpers():
     with pytest.raises(ValueError, match=r"w must be a finite number >= 0, got True"):
         checks.check_number("w", True, low=0)
     checks.check_number("w", 0, low=0)
+    checks.check_number("w", np.float32(7.5))  # NumPy scalars are numbers too
 
 
 class Exploding:

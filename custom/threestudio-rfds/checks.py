@@ -3,6 +3,7 @@ argument, the bad value and what is allowed."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -16,8 +17,8 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
 
 
 def check_number(name: str, value: float, low: float = -math.inf) -> None:
-    """A finite Python number ``>= low`` (e.g. a guidance scale, a loss weight)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+    """A finite real number ``>= low`` (Python or NumPy scalar; e.g. a guidance scale, a loss weight)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < low:
         allowed = "a finite number" + ("" if low == -math.inf else f" >= {low}")
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
