@@ -269,11 +269,10 @@ def irfds_loss(
     ∂L/∂ε ∝ −ḃ·(v̂(x_t) − v(x0, ε)) plus ``reg_weight``·∂R/∂ε; minimising it with any optimiser
     finds the noise that the flow carries to x0.
     """
-    _check_inputs(x0, t, eps.detach() if torch.is_tensor(eps) else eps)
+    _check_inputs(x0, t, eps)
     check_number("reg_weight", reg_weight, low=0.0)
-    t, _ = _draw(model, x0, t, eps.detach(), min_step_percent, max_step_percent, generator)
+    t, e = _draw(model, x0, t, eps.detach(), min_step_percent, max_step_percent, generator)
     with torch.no_grad():
-        e = eps.detach()
         x_t = flow.interpolate(x0, e, t)
         v_pred, n_bad = replace_nonfinite(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(e.dtype))
         g = -flow.append_dims(flow.beta_dot(t), e.ndim).to(e.dtype) * (v_pred - flow.velocity_target(x0, e))
