@@ -8,68 +8,10 @@ import os
 import pytest
 import torch
 
+from reference_layout import reference_layout
 from ts_support import camera_batch, render_stand_in
 
 pytestmark = [pytest.mark.threestudio, pytest.mark.usefixtures("workdir")]
-
-# The paper's configs' layout (configs/rfds_sd3.yaml etc. of yangxiaofeng/rectified_flow_prior),
-# written out here with the values a CPU test can run.
-REFERENCE_LAYOUT = """
-name: "rfds-sd3-3d"
-tag: "${rmspace:${system.prompt_processor.prompt},_}"
-exp_root_dir: "outputs"
-seed: 0
-data_type: "random-camera-datamodule"
-data:
-  batch_size: [1, 1]
-  width: [32, 64]
-  height: [32, 64]
-  resolution_milestones: [5000]
-  elevation_range: [-10, 45]
-system_type: "rf-system"
-system:
-  stage: coarse
-  visualize_samples: true
-  geometry_type: "implicit-volume"
-  geometry:
-    radius: 1.0
-    normal_type: null
-    density_bias: "blob_magic3d"
-    density_activation: softplus
-    pos_encoding_config: {otype: ProgressiveBandFrequency, n_frequencies: 2}
-    mlp_network_config: {otype: VanillaMLP, activation: ReLU, output_activation: none, n_neurons: 16, n_hidden_layers: 1}
-  material_type: "no-material"
-  material: {n_output_dims: 3, color_activation: sigmoid}
-  background_type: "solid-color-background"
-  renderer_type: "nerf-volume-renderer"
-  renderer: {radius: 1.0, num_samples_per_ray: 16}
-  prompt_processor_type: "sd3-prompt-processor"
-  prompt_processor:
-    pretrained_model_name_or_path: MODEL
-    prompt: ???
-    negative_prompt: "unrealistic, blurry, low quality, oversaturation."
-    front_threshold: 30.
-    back_threshold: 30.
-  guidance_type: "GUIDANCE"
-  guidance:
-    pretrained_model_name_or_path: MODEL
-    guidance_scale: 100
-    min_step_percent: [5000, 0.3, 0.3, 5001]
-    max_step_percent: [5000, 0.98, 0.98, 5001]
-  loggers:
-    wandb: {enable: false, project: "threestudio", name: None}
-  loss:
-    LOSS_KEY: 1
-    lambda_orient: 0.
-    lambda_sparsity: 0.1
-    lambda_opaque: [5000, 0.1, 0.1, 5001]
-    lambda_z_variance: 0.
-  optimizer:
-    name: AdamW
-    args: {betas: [0.9, 0.99], eps: 1.e-15}
-trainer:
-  max_steps: 15000
-"""
 
 
 @pytest.mark.parametrize("guidance_type,loss_key", [("RFDS-sd3", "lambda_rfds"), ("RFDS-Rev-sd3", "lambda_rfds")])
@@ -80,8 +22,7 @@ def test_reference_layout_builds_an_rf_system(ts, tiny_sd3_path, tmp_path, guida
     from threestudio_rfds.adapter.system import ReferenceRFSystem
 
     path = tmp_path / "reference.yaml"
-    path.write_text(REFERENCE_LAYOUT.replace("MODEL", tiny_sd3_path).replace("GUIDANCE", guidance_type)
-                    .replace("LOSS_KEY", loss_key))
+    path.write_text(reference_layout(tiny_sd3_path, guidance_type, loss_key))
     cfg = load_config(str(path), cli_args=["system.prompt_processor.prompt=a cat", "system.prompt_processor.spawn=false",
                                            "system.prompt_processor.encode_dtype=fp32"], n_gpus=1)
     system_cls = ts.find(cfg.system_type)
