@@ -67,10 +67,11 @@ def test_batch_shapes_and_scalar_logs(name):
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("batched", [True, False])
 def test_nonfinite_model_output_is_replaced_and_counted(name, batched):
+    """nonfinite="zero" (opt-in): NaN/inf in v̂ become 0 and are counted."""
     model = CountingModel(mixture(flow.sd3_convention(3.0)), corrupt=True)
     x0 = torch.randn(B, 2, requires_grad=True)
     kw = {} if name == "irfds" else {"cfg_batched": batched}
-    out = _run(name, model, x0, **kw)
+    out = _run(name, model, x0, nonfinite="zero", **kw)
     # v[0, 0] = NaN and v[1, 1] = inf survive CFG; RFDS-Rev also counts its inner iRFDS pass
     expected = 4 if name == "rfds-rev" else 2
     assert out.num_nonfinite.item() == expected
@@ -79,6 +80,13 @@ def test_nonfinite_model_output_is_replaced_and_counted(name, batched):
     assert out.logs()["num_nonfinite"].item() == expected
     out.loss.backward()
     assert torch.isfinite(x0.grad).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_nonfinite_model_output_is_an_error_by_default(name):
+    model = CountingModel(mixture(flow.sd3_convention(3.0)), corrupt=True)
+    with pytest.raises(ValueError, match=r"v̂ \(the model's .*\) contains \d+ non-finite values.*nonfinite='zero'"):
+        _run(name, model, torch.randn(B, 2))
 
 
 @pytest.mark.parametrize("name", ["rfds", "rfds-rev"])
@@ -223,3 +231,97 @@ def test_runs_on_cuda():
     assert eps.grad.device.type == "cuda"
     x = flow.euler_sample(lambda x, t: m.velocity(x, t, c), torch.randn(B, 2, device=dev), flow.time_grid(4))
     assert x.device.type == "cuda" and torch.isfinite(x).all()
+
+
+# ---------------------------------------------------------------- paper parity (issue 13)
+@pytest.mark.parametrize("weighting", R.WEIGHTINGS)
+@pytest.mark.parametrize("name", ["rfds", "rfds-rev"])
+def test_logged_loss_is_the_weighted_flow_matching_loss(name, weighting):
+    """The value of ``loss`` (logged as loss_rfds) is mean_b w_b·mean_i (v̂ − v)² (docs/math.md §3.1),
+    not mean(g²) = mean_b w_b²·mse_b; the gradient stays 2g/(n·B)."""
+    x0 = torch.randn(B, 4, 4, 4, requires_grad=True)
+    out = _run(name, _image_model(), x0, weighting=weighting, scale=2.0)
+    mse = (out.v_pred - (out.eps - x0.detach())).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(out.loss.detach(), (out.weights * mse).mean())
+    if weighting == "sigmoid":  # w < 1: w·mse and w²·mse differ
+        assert (out.loss.detach() - (out.weights**2 * mse).mean()).abs() > 1e-3
+    out.loss.backward()
+    torch.testing.assert_close(x0.grad, 2 * out.grad / (x0[0].numel() * B))
+
+
+@pytest.mark.parametrize("weighting", ["none", "sigmoid"])
+def test_reference_batch_scaling_reproduces_the_paper_gradient(weighting):
+    """batch_scaling='reference' gives exactly the gradient of the paper code's
+    mean(w · mse(ε − x0, v̂) / B) (RFDS_sd3.py; w = 1 for InstaFlow): every sample weighted by mean(w),
+    1/B of ours for w = 1."""
+    import torch.nn.functional as F
+
+    model, b = _image_model(), 4
+    x0 = torch.randn(b, 4, 4, 4)
+    grads = {}
+    for scaling in R.BATCH_SCALINGS:
+        x = x0.clone().requires_grad_(True)
+        out = R.rfds(model, x, labels(b, 1), labels(b, -1), 2.0, weighting=weighting, batch_scaling=scaling,
+                     generator=torch.Generator().manual_seed(3))
+        out.loss.backward()
+        grads[scaling] = (x.grad, out)
+    g_ours, ours = grads["per-sample"]
+    g_ref, ref = grads["reference"]
+    torch.testing.assert_close(ref.t, ours.t)
+    # the paper's loss, written as its code does, on the same (t, ε, v̂) and the same drawn weights
+    x = x0.clone().requires_grad_(True)
+    paper = (ours.weights * F.mse_loss(ours.eps - x, ours.v_pred, reduction="mean") / b).mean()
+    paper.backward()
+    torch.testing.assert_close(g_ref, x.grad)
+    torch.testing.assert_close(ref.loss.detach(), paper.detach())  # its logged value too
+    if weighting == "none":
+        torch.testing.assert_close(g_ref, g_ours / b)
+    else:
+        assert (g_ref * b - g_ours).abs().max() > 1e-4  # mean(w) for all vs each sample's own w
+    with pytest.raises(ValueError, match="batch_scaling must be one of.*per-sample.*got 'paper'"):
+        R.rfds(model, x0, labels(b, 1), labels(b, -1), 2.0, batch_scaling="paper")
+
+
+def test_reference_irfds_schedule_draws_the_papers_grid():
+    """SD3: the 15 timesteps of FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(15) (1000 … 8.93),
+    whatever the step percents; InstaFlow: integer k ∈ [1000·min, 1000·max], noise level 1 − k/1000,
+    network timestep k (the paper's mislabelling)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(15)
+    grid = sched.timesteps / 1000
+    assert grid[0] == 1.0 and abs(grid[-1].item() - 0.0089286) < 1e-6
+    n = 3000
+    calls = []
+
+    class Spy:
+        def __init__(self, m):
+            self.m, self.convention = m, m.convention
+
+        def velocity(self, x, t, c):
+            calls.append(t.clone())
+            return self.m.velocity(x, t, c)
+
+    sd3 = Spy(mixture(flow.sd3_convention(3.0)))
+    out = R.irfds_loss(sd3, torch.zeros(n, 2), torch.randn(n, 2), labels(n, 1), schedule="reference",
+                       min_step_percent=0.5, max_step_percent=0.6, generator=torch.Generator().manual_seed(0))
+    hits = (out.t[:, None] - grid[None]).abs().min(1).values
+    assert hits.max() < 1e-6  # every t on the grid ...
+    assert len(set(torch.round(out.t * 1e5).tolist())) == 15  # ... all 15 points drawn, percents ignored
+    torch.testing.assert_close(calls[-1], out.t)
+    # InstaFlow, model convention: x_t at 1 − k/1000, velocity asked at time k/1000 (timestep k)
+    for conv in (flow.instaflow_convention("model"), flow.instaflow_convention("reference")):
+        inst = Spy(mixture(conv))
+        out = R.irfds_loss(inst, torch.zeros(n, 2), torch.randn(n, 2), labels(n, 1), schedule="reference",
+                           min_step_percent=0.1, max_step_percent=0.8, generator=torch.Generator().manual_seed(0))
+        k = torch.round((1 - out.t) * 1000)
+        torch.testing.assert_close(1 - out.t, k / 1000)  # integer timesteps
+        assert k.min() == 100 and k.max() == 800  # noise levels [0.2, 0.9]
+        timestep = conv.model_timestep(calls[-1])
+        torch.testing.assert_close(timestep, k, rtol=0, atol=1e-3)
+    # the default draws continuous percents (SD3: shift(u), u in [0.02, 0.98])
+    out = R.irfds_loss(sd3, torch.zeros(n, 2), torch.randn(n, 2), labels(n, 1), generator=torch.Generator().manual_seed(0))
+    assert len(set(out.t.tolist())) == n
+    with pytest.raises(ValueError, match="schedule must be one of.*model.*reference.*got 'paper'"):
+        R.irfds_loss(sd3, torch.zeros(2, 2), torch.randn(2, 2), labels(2, 1), schedule="paper")

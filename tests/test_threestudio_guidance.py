@@ -118,6 +118,21 @@ def test_same_seed_same_loss_and_rev_with_no_inner_step_is_rfds(ts, tiny_sd3_pat
     assert not torch.allclose(a["loss_rfds"], r1["loss_rfds"], rtol=1e-3)
 
 
+def test_batch_scaling_reference_is_the_papers_one_over_b(ts, tiny_sd3_path, sd3_utils, batch):
+    """batch_scaling: reference → the paper code's gradient, 1/B of ours at w = 1 (B = 4)."""
+    rgb0 = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for scaling in ("per-sample", "reference"):
+        rgb = rgb0.clone().requires_grad_(True)
+        g = guidance(ts, "rfds-sd3-guidance", tiny_sd3_path, encode_mode="mean", weighting="none",
+                     batch_scaling=scaling)
+        g(rgb, sd3_utils, **batch)["loss_rfds"].backward()
+        grads[scaling] = rgb.grad
+    torch.testing.assert_close(grads["reference"], grads["per-sample"] / 4)
+    with pytest.raises(ValueError, match="batch_scaling must be one of.*got 'paper'"):
+        guidance(ts, "rfds-sd3-guidance", tiny_sd3_path, batch_scaling="paper")
+
+
 @pytest.mark.parametrize("kind", ["rfds-instaflow-guidance", "rfds-rev-instaflow-guidance"])
 @pytest.mark.parametrize("perp_neg", [False, True])
 def test_instaflow_guidance_with_threestudio_prompt_utils(ts, workdir, tiny_instaflow_path, batch, kind, perp_neg):

@@ -6,6 +6,8 @@ Notation (flow.py): x_t = a(t)·x0 + b(t)·ε, v = ȧ·x0 + ḃ·ε = ε − x0,
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Dict, Literal, Optional, Union
 
@@ -13,13 +15,17 @@ import torch
 from torch import Tensor
 
 from . import flow
-from .checks import (check_batch, check_choice, check_finite, check_number, check_range, check_time,
-                     deferred_check_finite)
+from .checks import (DeferredChecks, check_batch, check_choice, check_finite, check_int, check_number,
+                     check_positive, check_range, check_time)
 from .protocol import Cond, VelocityModel, cfg_velocity
 
 Weighting = Literal["none", "sigmoid", "sds"]
 WEIGHTINGS = ("none", "sigmoid", "sds")
 StepSize = Union[float, Literal["auto"]]
+NonFinite = Literal["error", "zero"]
+NONFINITE = ("error", "zero")
+NONFINITE_HINT = ("the model output is not finite (fp16 overflow or broken weights): use dtype bf16/fp32, or "
+                  "nonfinite='zero' to replace such values by 0 and count them in num_nonfinite")
 
 
 def rfds_weighting(kind: Weighting, t: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -46,12 +52,21 @@ def replace_nonfinite(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x), bad.sum()
 
 
+def model_output(v: Tensor, nonfinite: NonFinite, checks: DeferredChecks, name: str) -> tuple[Tensor, Tensor]:
+    """(v, count of replaced values) under the non-finite policy: ``"error"`` queues a check that
+    raises :class:`~threestudio_rfds.checks.NonFiniteError` naming ``name``; ``"zero"`` replaces
+    NaN/inf by 0 and counts them (no host sync either way)."""
+    if nonfinite == "zero":
+        return replace_nonfinite(v)
+    checks.add(name, v, NONFINITE_HINT)
+    return v, torch.zeros((), dtype=torch.long, device=v.device)
+
+
 def clip_grad(g: Tensor, grad_clip: Optional[float]) -> Tensor:
     """Element-wise clamp to [−c, c] (threestudio's ``grad_clip``); None disables it."""
     if grad_clip is None:
         return g
-    if grad_clip <= 0:
-        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+    check_positive("grad_clip", grad_clip)
     return g.clamp(-grad_clip, grad_clip)
 
 
@@ -61,6 +76,27 @@ def reparameterised_loss(x: Tensor, g: Tensor) -> Tensor:
     Its value is mean(g²); for w = 1 this is the reference's mse(v, v̂)."""
     per_sample = (x - (x - g).detach()).pow(2).flatten(1).mean(1)
     return per_sample.mean()
+
+
+def with_value(loss: Tensor, value: Tensor) -> Tensor:
+    """loss − sg(loss) + sg(value): the gradient of ``loss`` with the value ``value`` (no host sync)."""
+    return loss - loss.detach() + value.detach()
+
+
+def weighted_flow_matching_loss(w: Tensor, v_pred: Tensor, v: Tensor) -> Tensor:
+    """mean_b w_b·mean_i (v̂ − v)²_b: the weighted flow-matching loss whose x0-gradient (through v)
+    RFDS follows — the logged value of :func:`rfds_from_noise` (§3.1)."""
+    mse = (v_pred - v).pow(2).flatten(1).mean(1)
+    return (w.to(mse.dtype) * mse).mean()
+
+
+BATCH_SCALINGS = ("per-sample", "reference")
+
+
+def reference_batch_weights(w: Tensor) -> Tensor:
+    """The paper code's weights [B]: every sample gets mean_b(w) (it multiplies its batch-mean loss
+    by the [B] weights and averages, §3.2)."""
+    return w.mean().expand(w.shape)
 
 
 @dataclass
@@ -74,7 +110,7 @@ class RFDSOutput:
     x_t: Tensor
     v_pred: Tensor  # v̂ (with CFG)
     weights: Tensor  # [B]
-    num_nonfinite: Tensor  # 0-d count of replaced NaN/inf in v̂ (RFDS-Rev: inner and outer passes)
+    num_nonfinite: Tensor  # 0-d count of NaN/inf replaced in v̂ (nonfinite="zero"; RFDS-Rev: inner and outer)
 
     def logs(self) -> Dict[str, Tensor]:
         """Scalar tensors for logging (safe for ``self.log`` in Lightning)."""
@@ -106,21 +142,26 @@ def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], check_
             check_finite("eps", eps)
 
 
-def _check_inputs_deferred(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor]):
-    """Shape checks now; the finiteness of x0 is tested without a host sync and raised by the
-    returned function, which the step calls after queuing its model calls (on CUDA the VAE
-    encode then overlaps with launching the denoiser)."""
+def _check_inputs_deferred(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], cond: Optional[Cond] = None,
+                           uncond: Optional[Cond] = None) -> DeferredChecks:
+    """Shape checks now; the finiteness of x0 and of the prompt embeddings is tested without a
+    host sync and raised by the returned checks, which the step settles after queuing its model
+    calls (on CUDA the VAE encode then overlaps with launching the denoiser)."""
     _check_inputs(x0, t, eps, check_values=False)
     if eps is not None:
         check_finite("eps", eps)
-    return deferred_check_finite("x0", x0)
+    return DeferredChecks().add("x0", x0).add_cond("cond", cond or {}).add_cond("uncond", uncond or {})
 
 
-def _check_options(weighting: str, grad_clip: Optional[float]) -> None:
+def _check_options(weighting: str, grad_clip: Optional[float], batch_scaling: str = "per-sample",
+                   nonfinite: str = "error") -> None:
     """Fail before any model call on a bad option."""
     check_choice("weighting", weighting, WEIGHTINGS)
-    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float)) or grad_clip <= 0):
-        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
+    check_choice("batch_scaling", batch_scaling, BATCH_SCALINGS)
+    check_choice("nonfinite", nonfinite, NONFINITE)
+    if grad_clip is not None and not (isinstance(grad_clip, numbers.Real) and not isinstance(grad_clip, bool)
+                                      and math.isfinite(grad_clip) and grad_clip > 0):
+        raise ValueError(f"grad_clip must be > 0 or None (a finite number), got {grad_clip!r}")
 
 
 def _draw(model: VelocityModel, x0: Tensor, t, eps, min_step_percent, max_step_percent, generator):
@@ -151,16 +192,37 @@ def rfds_from_noise(
     grad_clip: Optional[float] = None,
     cfg_batched: bool = True,
     generator: Optional[torch.Generator] = None,
+    batch_scaling: str = "per-sample",
+    nonfinite: NonFinite = "error",
+    checks: Optional[DeferredChecks] = None,
 ) -> RFDSOutput:
-    """RFDS for given (t, ε) (§3.1): g = w(t)·(v̂_cfg(x_t) − v(x0, ε)), up to −ȧ = 1."""
+    """RFDS for given (t, ε) (§3.1): g = w(t)·(v̂_cfg(x_t) − v(x0, ε)), up to −ȧ = 1.
+
+    The loss's gradient is 2g/(n·B); its value is the weighted flow-matching loss
+    mean_b w_b·mse_b (:func:`weighted_flow_matching_loss`, unclipped).  ``batch_scaling="reference"``
+    reproduces the paper code's scaling: every sample weighted by mean_b(w), loss (value and
+    gradient) divided by B once more (§3.4)."""
+    check_choice("batch_scaling", batch_scaling, BATCH_SCALINGS)
+    own_checks = checks is None  # else the caller settles the finiteness tests queued on ``checks``
+    checks = DeferredChecks() if own_checks else checks
     with torch.no_grad():
         x0_ = x0.detach()
         x_t = flow.interpolate(x0_, eps, t)
-        v_pred, n_bad = replace_nonfinite(cfg_velocity(model, x_t, t, cond, uncond, guidance_scale, batched=cfg_batched))
+        v_pred, n_bad = model_output(cfg_velocity(model, x_t, t, cond, uncond, guidance_scale, batched=cfg_batched),
+                                     nonfinite, checks, "v̂ (the model's CFG velocity)")
         w = rfds_weighting(weighting, t, generator)
-        g = flow.append_dims(w, x0.ndim).to(x0.dtype) * (v_pred.to(x0.dtype) - flow.velocity_target(x0_, eps))
+        if batch_scaling == "reference":
+            w = reference_batch_weights(w)
+        v = flow.velocity_target(x0_, eps)
+        g = flow.append_dims(w, x0.ndim).to(x0.dtype) * (v_pred.to(x0.dtype) - v)
         g = clip_grad(g, grad_clip)
-    return RFDSOutput(reparameterised_loss(x0, g), g, t, eps, x_t, v_pred, w, n_bad)
+        value = weighted_flow_matching_loss(w, v_pred.to(x0.dtype), v)
+    loss = with_value(reparameterised_loss(x0, g), value)
+    if batch_scaling == "reference":
+        loss = loss / x0.shape[0]
+    if own_checks:
+        checks()
+    return RFDSOutput(loss, g, t, eps, x_t, v_pred, w, n_bad)
 
 
 def rfds(
@@ -178,23 +240,32 @@ def rfds(
     grad_clip: Optional[float] = None,
     cfg_batched: bool = True,
     generator: Optional[torch.Generator] = None,
+    batch_scaling: str = "per-sample",
+    nonfinite: NonFinite = "error",
 ) -> RFDSOutput:
-    """Rectified-flow score distillation: draw t and ε, return the RFDS loss on x0 (§3)."""
-    _check_options(weighting, grad_clip)
-    check_x0 = _check_inputs_deferred(x0, t, eps)
+    """Rectified-flow score distillation: draw t and ε, return the RFDS loss on x0 (§3).
+
+    Non-finite x0 or prompt embeddings raise :class:`~threestudio_rfds.checks.NonFiniteError`,
+    and so does a non-finite model output unless ``nonfinite="zero"`` (replaced by 0 and
+    counted in ``num_nonfinite``)."""
+    _check_options(weighting, grad_clip, batch_scaling, nonfinite)
+    checks = _check_inputs_deferred(x0, t, eps, cond, uncond)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     out = rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
-                          grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
-    check_x0()
+                          grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator,
+                          batch_scaling=batch_scaling, nonfinite=nonfinite, checks=checks)
+    checks()
     return out
 
 
 # ---------------------------------------------------------------- iRFDS (§4)
 def check_step_size(name: str, step_size: StepSize) -> None:
-    if step_size == "auto":
+    if isinstance(step_size, str) and step_size == "auto":
         return
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
-        raise ValueError(f"{name} must be 'auto' or a number > 0, got {step_size!r}")
+    try:
+        check_positive(name, step_size)
+    except ValueError:
+        raise ValueError(f"{name} must be 'auto' or a number > 0, got {step_size!r}") from None
 
 
 def inner_step_size(step_size: StepSize, t: Tensor) -> Tensor:
@@ -215,6 +286,7 @@ def irfds_update(
     step_size: StepSize = "auto",
     guidance_scale: float = 1.0,
     uncond: Optional[Cond] = None,
+    nonfinite: NonFinite = "error",
 ) -> Tensor:
     """One iRFDS step on the noise (§4.1): ε' = ε + η·ḃ·(v̂(x_t) − v(x0, ε)).
 
@@ -226,7 +298,11 @@ def irfds_update(
         raise ValueError("t must be a tensor of noise levels [B] in [0, 1], got None")
     _check_inputs(x0, t, eps)
     check_step_size("step_size", step_size)
-    return _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale, uncond)[0]
+    check_choice("nonfinite", nonfinite, NONFINITE)
+    checks = DeferredChecks().add_cond("cond", cond).add_cond("uncond", uncond or {})
+    new = _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale, uncond, nonfinite, checks)[0]
+    checks()
+    return new
 
 
 def _guided_velocity(model, x_t, t, cond, uncond, guidance_scale) -> Tensor:
@@ -236,10 +312,13 @@ def _guided_velocity(model, x_t, t, cond, uncond, guidance_scale) -> Tensor:
     return cfg_velocity(model, x_t, t, cond, uncond, guidance_scale)
 
 
-def _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale=1.0, uncond=None) -> tuple[Tensor, Tensor]:
-    """(ε', the number of NaN/inf replaced in v̂)."""
+def _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale=1.0, uncond=None, nonfinite: NonFinite = "error",
+                checks: Optional[DeferredChecks] = None) -> tuple[Tensor, Tensor]:
+    """(ε', the number of NaN/inf replaced in v̂); the finiteness test is queued on ``checks``."""
     x_t = flow.interpolate(x0, eps, t)
-    v, n_bad = replace_nonfinite(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(eps.dtype))
+    v, n_bad = model_output(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(eps.dtype), nonfinite,
+                            DeferredChecks() if checks is None else checks,
+                            "v̂ (the model's velocity in the iRFDS update)")
     eta = flow.append_dims(inner_step_size(step_size, t), eps.ndim).to(eps.dtype)
     beta_dot = flow.append_dims(flow.beta_dot(t), eps.ndim).to(eps.dtype)
     return eps + eta * beta_dot * (v - flow.velocity_target(x0, eps)), n_bad
@@ -248,6 +327,45 @@ def _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale=1.0, uncond=N
 def noise_regulariser(eps: Tensor) -> Tensor:
     """R(ε) = mean(ε)² + (var(ε) − 1)², the reference's MeanVarianceLoss (§4.2)."""
     return eps.mean().pow(2) + (eps.var() - 1.0).pow(2)
+
+
+IRFDS_SCHEDULES = ("model", "reference")
+REFERENCE_SD3_IRFDS_STEPS = 15  # the paper's iRFDS_sd3: retrieve_timesteps(scheduler, 15)
+
+
+def reference_irfds_time(
+    convention: flow.FlowConvention,
+    batch_size: int,
+    min_step_percent: float,
+    max_step_percent: float,
+    *,
+    device=None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
+    """The paper code's iRFDS time draw (§4.4): (noise level t [B], time τ [B] to evaluate v̂ at).
+
+    SD3 (``iRFDS_sd3``): t uniform over the scheduler's 15-step sampling grid
+    ``sd3_sigmas(15, shift)[:15]`` (1 down to shift(linspace(1, shift(1/1000), 15))_14 ≈ 0.0089);
+    the step percents are ignored; τ = t.  InstaFlow (``iRFDS``): an integer k uniform in
+    [1000·min, 1000·max], x_t at noise level t = 1 − k/1000 but the UNet fed timestep k, i.e. τ is the
+    time whose timestep is k (1 − t under the model's convention, t under the "reference" one)."""
+    if convention.name == "sd3":
+        from .backends.sd3 import sd3_sigmas
+
+        grid = sd3_sigmas(REFERENCE_SD3_IRFDS_STEPS, convention.shift)[:REFERENCE_SD3_IRFDS_STEPS]
+        gen_device = generator.device if generator is not None else device
+        i = torch.randint(0, grid.numel(), (batch_size,), generator=generator, device=gen_device)
+        t = grid.to(i.device)[i].to(device)
+        return t, t
+    if convention.name == "instaflow":
+        check_range("min_step_percent", min_step_percent, 0.0, 1.0)
+        check_range("max_step_percent", max_step_percent, min_step_percent, 1.0)
+        lo, hi = int(1000 * min_step_percent), int(1000 * max_step_percent)
+        gen_device = generator.device if generator is not None else device
+        k = torch.randint(lo, hi + 1, (batch_size,), generator=generator, device=gen_device).to(device)
+        t = 1.0 - k.float() / 1000.0
+        return t, (t if convention.reversed_timestep else 1.0 - t)
+    raise ValueError(f"schedule 'reference' needs an 'sd3' or 'instaflow' convention, got {convention.name!r}")
 
 
 def irfds_loss(
@@ -263,19 +381,32 @@ def irfds_loss(
     t: Optional[Tensor] = None,
     reg_weight: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    schedule: str = "model",
+    nonfinite: NonFinite = "error",
 ) -> RFDSOutput:
     """iRFDS objective for a learnable noise ε at fixed x0 (§4.2).
 
     ∂L/∂ε ∝ −ḃ·(v̂(x_t) − v(x0, ε)) plus ``reg_weight``·∂R/∂ε; minimising it with any optimiser
-    finds the noise that the flow carries to x0.
+    finds the noise that the flow carries to x0.  ``schedule``: "model" draws t from the step
+    percents (§1.3); "reference" draws the paper code's times (:func:`reference_irfds_time`, §4.4).
     """
     _check_inputs(x0, t, eps)
     check_number("reg_weight", reg_weight, low=0.0)
+    check_choice("nonfinite", nonfinite, NONFINITE)
+    checks = DeferredChecks().add_cond("cond", cond).add_cond("uncond", uncond or {})
+    check_choice("schedule", schedule, IRFDS_SCHEDULES)
+    tau = None
+    if t is None and schedule == "reference":
+        t, tau = reference_irfds_time(model.convention, x0.shape[0], min_step_percent, max_step_percent,
+                                      device=x0.device, generator=generator)
     t, e = _draw(model, x0, t, eps.detach(), min_step_percent, max_step_percent, generator)
+    tau = t if tau is None else tau.to(t)
     with torch.no_grad():
         x_t = flow.interpolate(x0, e, t)
-        v_pred, n_bad = replace_nonfinite(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(e.dtype))
+        v_pred, n_bad = model_output(_guided_velocity(model, x_t, tau, cond, uncond, guidance_scale).to(e.dtype),
+                                     nonfinite, checks, "v̂ (the model's velocity in the iRFDS loss)")
         g = -flow.append_dims(flow.beta_dot(t), e.ndim).to(e.dtype) * (v_pred - flow.velocity_target(x0, e))
+    checks()
     loss = reparameterised_loss(eps, g) + reg_weight * noise_regulariser(eps)
     return RFDSOutput(loss, g, t, e, x_t, v_pred, torch.ones_like(t), n_bad)
 
@@ -300,27 +431,31 @@ def rfds_rev(
     generator: Optional[torch.Generator] = None,
     inner_model: Optional[VelocityModel] = None,
     inner_cond: Optional[Cond] = None,
+    batch_scaling: str = "per-sample",
+    nonfinite: NonFinite = "error",
 ) -> RFDSOutput:
     """RFDS-Rev (§5): refine ε by ``n_inner`` iRFDS updates with the conditional velocity
     (no CFG), then take the RFDS step at the same t with the refined noise.
 
     ``inner_model``/``inner_cond`` give the velocity of the iRFDS updates when the outer step
     uses a composite model (Perp-Neg); by default ``model`` with ``cond``."""
-    if isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 0:
-        raise ValueError(f"n_inner must be an integer >= 0, got {n_inner!r}")
+    check_int("n_inner", n_inner, 0)
     check_step_size("inner_step", inner_step)
-    _check_options(weighting, grad_clip)
-    check_x0 = _check_inputs_deferred(x0, t, eps)
+    _check_options(weighting, grad_clip, batch_scaling, nonfinite)
+    checks = _check_inputs_deferred(x0, t, eps, cond, uncond)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     x0_ = x0.detach()
     inner_model, inner_cond = inner_model or model, cond if inner_cond is None else inner_cond
+    if inner_cond is not cond:
+        checks.add_cond("inner_cond", inner_cond)
     inner_bad = []
     for _ in range(n_inner):
-        eps, n_bad = _irfds_step(inner_model, x0_, eps, t, inner_cond, inner_step)
+        eps, n_bad = _irfds_step(inner_model, x0_, eps, t, inner_cond, inner_step, nonfinite=nonfinite, checks=checks)
         inner_bad.append(n_bad)
     out = rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
-                          grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator)
-    check_x0()
+                          grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator,
+                          batch_scaling=batch_scaling, nonfinite=nonfinite, checks=checks)
+    checks()
     return dataclasses.replace(out, num_nonfinite=out.num_nonfinite + sum(inner_bad))  # inner and outer v̂
 
 

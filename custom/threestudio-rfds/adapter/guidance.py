@@ -53,6 +53,9 @@ class RFDSGuidanceBase(BaseModule):
         max_step_percent: Any = 0.98
         grad_clip: Optional[Any] = None  # element-wise clamp of the RFDS gradient; schedules allowed
         weighting: str = "none"  # none | sigmoid | sds (docs/math.md §3.2)
+        # per-sample: each sample its own w, gradient 2w(v̂ − v)/(n·B); reference: the paper code's
+        # mean(w) for every sample and 1/B of that gradient, for comparison runs (docs/math.md §3.4)
+        batch_scaling: str = "per-sample"
         time_convention: str = "model"  # model | reference (the paper code's timestep use)
         cfg_mode: str = "batched"  # batched: one 2B call; sequential: two B calls (less memory)
         latent_rule: str = "native"  # native: encode at render size; resize: to latent_size first
@@ -83,6 +86,7 @@ class RFDSGuidanceBase(BaseModule):
         c = self.cfg
         check_choice("weighting", c.weighting, core.WEIGHTINGS)
         check_choice("cfg_mode", c.cfg_mode, CFG_MODES)
+        check_choice("batch_scaling", c.batch_scaling, core.BATCH_SCALINGS)
         check_choice("time_convention", c.time_convention, ("model", "reference"))
         self.rev_options()  # validates the RFDS-Rev options before the model is loaded
         if not c.pretrained_model_name_or_path:
@@ -181,7 +185,7 @@ class RFDSGuidanceBase(BaseModule):
             velocity = lambda x, t, sl: model.velocity(x, t, _slice(c, sl))  # noqa: E731
         kw = dict(min_step_percent=self.min_step_percent, max_step_percent=self.max_step_percent,
                   weighting=self.cfg.weighting, grad_clip=self.grad_clip_val, generator=self.generator,
-                  cfg_batched=batched)
+                  cfg_batched=batched, batch_scaling=self.cfg.batch_scaling)
         if self.algorithm == "rfds-rev":
             out = core.rfds_rev(model, x0, c, uncond, scale, inner_model=be, inner_cond=cond, **self.rev_options(), **kw)
         else:
