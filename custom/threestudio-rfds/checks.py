@@ -10,15 +10,36 @@ import torch
 from torch import Tensor
 
 
+class NonFiniteError(ValueError):
+    """A tensor that must be finite holds NaN/inf; the message names it and the cause."""
+
+
+def _is_real(value) -> bool:
+    """A real number (Python or NumPy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_range(name: str, value: float, low: float, high: float) -> None:
-    """``low <= value <= high`` for a Python number."""
-    if not isinstance(value, (int, float)) or not (low <= float(value) <= high):
+    """``low <= value <= high`` for a real number (Python or NumPy scalar; NaN fails)."""
+    if not _is_real(value) or not (low <= float(value) <= high):
         raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+
+
+def check_positive(name: str, value: float) -> None:
+    """A finite real number > 0 (e.g. a learning rate, a gradient clip)."""
+    if not _is_real(value) or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_int(name: str, value: int, low: int = 0) -> None:
+    """An integer ``>= low`` (Python or NumPy integer, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def check_number(name: str, value: float, low: float = -math.inf) -> None:
     """A finite real number ``>= low`` (Python or NumPy scalar; e.g. a guidance scale, a loss weight)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < low:
+    if not _is_real(value) or not math.isfinite(value) or value < low:
         allowed = "a finite number" + ("" if low == -math.inf else f" >= {low}")
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
@@ -39,10 +60,10 @@ def check_time(name: str, t: Tensor) -> None:
         )
 
 
-def check_finite(name: str, x: Tensor) -> None:
+def check_finite(name: str, x: Tensor, hint: str = "inputs must be finite") -> None:
     if not torch.isfinite(x).all():
         n = (~torch.isfinite(x)).sum().item()
-        raise ValueError(f"{name} contains {n} non-finite values (NaN/inf); inputs must be finite")
+        raise NonFiniteError(f"{name} contains {n} non-finite values (NaN/inf); {hint}")
 
 
 def check_shape(name: str, x: Tensor, ndim: Optional[int] = None, channels: Optional[int] = None,
@@ -66,23 +87,46 @@ def check_batch(names: Sequence[str], *tensors: Tensor) -> int:
     return sizes[0]
 
 
-def deferred_check_finite(name: str, x: Tensor):
-    """Queue the finiteness test of ``x`` now, without a host sync; the returned function raises
-    the :func:`check_finite` error when called (call it after the step's kernels are queued)."""
-    ok = torch.isfinite(x).all()
+class DeferredChecks:
+    """Finiteness tests queued without a host sync and settled by one sync in :meth:`check`
+    (call it after the step's kernels are queued).  The first failing test, in the order they
+    were added, raises :class:`NonFiniteError` with its message."""
 
-    def check() -> None:
-        if not bool(ok):
-            check_finite(name, x)
+    def __init__(self) -> None:
+        self._tests: list = []
 
-    return check
+    def add(self, name: str, x: Tensor, hint: str = "inputs must be finite") -> "DeferredChecks":
+        self._tests.append((name, x, torch.isfinite(x).all(), hint))
+        return self
+
+    def add_cond(self, name: str, cond) -> "DeferredChecks":
+        """Every tensor of a condition dict (prompt embeddings)."""
+        for k, v in cond.items():
+            self.add(f"{name}[{k!r}]", v, "the prompt embeddings are broken (re-encode them; check the text encoder's dtype)")
+        return self
+
+    def check(self) -> None:
+        if not self._tests or bool(torch.stack([ok for _, _, ok, _ in self._tests]).all()):
+            return
+        for name, x, ok, hint in self._tests:
+            if not bool(ok):
+                n = int((~torch.isfinite(x)).sum())
+                raise NonFiniteError(f"{name} contains {n} non-finite values (NaN/inf); {hint}")
+
+    __call__ = check
+
+
+def deferred_check_finite(name: str, x: Tensor) -> DeferredChecks:
+    """Queue the finiteness test of ``x`` now, without a host sync; calling the returned object
+    raises the :class:`NonFiniteError` (call it after the step's kernels are queued)."""
+    return DeferredChecks().add(name, x)
 
 
 def check_prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
     """A string or a non-empty list of strings → list."""
     if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
+        return [prompts]
+    bad = not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts)
+    if bad:
         raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
-    return prompts
+    return list(prompts)
