@@ -1,11 +1,22 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never part of it."""
+"""Atomic writes: a reader sees the old file (or folder) or the whole new one, never part of it.
+
+Files are created with the permissions of the user's umask (as ``open`` would), not the 0600 of
+``mkstemp``, so a folder shared by a group stays readable by all its members."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+
+def umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> str:
@@ -14,6 +25,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> str:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~umask())
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -43,3 +55,52 @@ def write_json(path: str, obj: Any, sort_keys: bool = False) -> str:
             json.dump(_json_safe(obj), f, indent=2, sort_keys=sort_keys, default=str)
 
     return atomic_write(path, write)
+
+
+class StagedDir:
+    """A folder built as a hidden sibling of ``final`` and moved into place by :meth:`publish`, so
+    ``final`` holds one complete run or is left as it was (never a mix of two runs).
+
+    ``final`` must be absent, an empty folder, or (``replace=True``) a folder that ``replaceable``
+    accepts; anything else raises ``FileExistsError`` here, before any work.  Creating the
+    sibling also proves the parent is writable.  A process killed outright (SIGKILL) leaves only
+    the sibling ``.<name>.tmp-*``."""
+
+    def __init__(self, final: str, replace: bool = False, replaceable: Optional[Callable[[str], bool]] = None):
+        self.final = os.path.abspath(os.path.expanduser(final))
+        self.replace = replace
+        if os.path.lexists(self.final) and not os.path.isdir(self.final):
+            raise FileExistsError(f"{final!r} exists and is not a folder; name a new or existing output folder")
+        if self._occupied():
+            if not replace:
+                raise FileExistsError(f"{final!r} already holds files; choose another folder or pass --overwrite "
+                                      "to replace it as a whole")
+            if replaceable is not None and not replaceable(self.final):
+                raise FileExistsError(f"{final!r} is not an output folder of this tool; it is never replaced "
+                                      "(choose another folder)")
+        parent = os.path.dirname(self.final)
+        os.makedirs(parent, exist_ok=True)
+        self.path = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(self.final)}.tmp-")
+        os.chmod(self.path, 0o777 & ~umask())
+
+    def _occupied(self) -> bool:
+        return os.path.isdir(self.final) and bool(os.listdir(self.final))
+
+    def publish(self) -> str:
+        """Move the staged folder to ``final`` (replacing the old one when allowed)."""
+        if os.path.isdir(self.final) and not self._occupied():
+            os.rmdir(self.final)
+        if not os.path.lexists(self.final):
+            os.rename(self.path, self.final)
+            return self.final
+        if not self.replace:
+            raise FileExistsError(f"{self.final!r} was created by someone else meanwhile; this run is kept in "
+                                  f"{self.path!r}")
+        old = tempfile.mkdtemp(dir=os.path.dirname(self.final), prefix=f".{os.path.basename(self.final)}.old-")
+        os.rename(self.final, os.path.join(old, "run"))
+        os.rename(self.path, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

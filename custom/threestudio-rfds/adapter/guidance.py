@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import rfds as core
 from ..backends import backend_class
-from ..checks import check_choice, check_range
+from ..checks import check_choice, check_number, check_positive, check_range
 from ..protocol import Cond, cfg_velocity
 from .compat import adapter_device, require_threestudio
 from .evaluation import guidance_eval_images
@@ -52,6 +52,7 @@ class RFDSGuidanceBase(BaseModule):
         min_step_percent: Any = 0.02  # noise-level range (time_convention "model"); schedules allowed
         max_step_percent: Any = 0.98
         grad_clip: Optional[Any] = None  # element-wise clamp of the RFDS gradient; schedules allowed
+        nonfinite: str = "error"  # NaN/inf in the model output: error, or zero (replace by 0, log num_nonfinite)
         weighting: str = "none"  # none | sigmoid | sds (docs/math.md §3.2)
         # per-sample: each sample its own w, gradient 2w(v̂ − v)/(n·B); reference: the paper code's
         # mean(w) for every sample and 1/B of that gradient, for comparison runs (docs/math.md §3.4)
@@ -86,6 +87,7 @@ class RFDSGuidanceBase(BaseModule):
         c = self.cfg
         check_choice("weighting", c.weighting, core.WEIGHTINGS)
         check_choice("cfg_mode", c.cfg_mode, CFG_MODES)
+        check_choice("nonfinite", c.nonfinite, core.NONFINITE)
         check_choice("batch_scaling", c.batch_scaling, core.BATCH_SCALINGS)
         check_choice("time_convention", c.time_convention, ("model", "reference"))
         self.rev_options()  # validates the RFDS-Rev options before the model is loaded
@@ -114,6 +116,9 @@ class RFDSGuidanceBase(BaseModule):
         c = self.cfg
         self.guidance_scale = float(C(c.guidance_scale, epoch, global_step))
         self.grad_clip_val = None if c.grad_clip is None else float(C(c.grad_clip, epoch, global_step))
+        check_number("guidance_scale", self.guidance_scale)
+        if self.grad_clip_val is not None:
+            check_positive("grad_clip", self.grad_clip_val)
         self.set_min_max_steps(C(c.min_step_percent, epoch, global_step), C(c.max_step_percent, epoch, global_step))
 
     # ------------------------------------------------------------------ inputs
@@ -185,7 +190,7 @@ class RFDSGuidanceBase(BaseModule):
             velocity = lambda x, t, sl: model.velocity(x, t, _slice(c, sl))  # noqa: E731
         kw = dict(min_step_percent=self.min_step_percent, max_step_percent=self.max_step_percent,
                   weighting=self.cfg.weighting, grad_clip=self.grad_clip_val, generator=self.generator,
-                  cfg_batched=batched, batch_scaling=self.cfg.batch_scaling)
+                  cfg_batched=batched, batch_scaling=self.cfg.batch_scaling, nonfinite=self.cfg.nonfinite)
         if self.algorithm == "rfds-rev":
             out = core.rfds_rev(model, x0, c, uncond, scale, inner_model=be, inner_cond=cond, **self.rev_options(), **kw)
         else:

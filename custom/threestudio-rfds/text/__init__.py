@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import resolve_device, resolve_dtype
-from ..checks import check_choice, check_prompts
+from ..checks import check_choice, check_finite, check_prompts
 
 FAMILIES = ("sd3", "instaflow")
 NOT_IN_KEY = ("device", "dtype", "local_files_only")  # do not change the embeddings' values
@@ -66,11 +66,17 @@ def encode_prompts(
     path = pretrained_model_name_or_path
 
     def compute(batch):
-        return fn(path, batch, device=dev, dtype=dt, **options)
+        out = fn(path, batch, device=dev, dtype=dt, **options)
+        for k, v in out.items():  # never use (or cache) broken embeddings
+            for i, p in enumerate(batch if not torch.isfinite(v).all() else []):
+                check_finite(f"text embedding {k!r} of prompt {p!r}", v[i],
+                             f"the text encoder of {path!r} overflowed or is broken (try dtype fp32)")
+        return out
 
     if cache_dir is None:
         return compute(prompts)
     from .cache import EmbeddingCache, model_fingerprint
+    from .shapes import expected_embeddings
 
     local = os.path.isdir(path)
     spec = {
@@ -80,7 +86,8 @@ def encode_prompts(
         "dtype": str(dt),
         "options": {k: v for k, v in opts.items() if k not in NOT_IN_KEY},
     }
-    out = EmbeddingCache(cache_dir).get_or_compute(spec, prompts, compute)
+    expect = expected_embeddings(model_family, path, opts, str(dt))
+    out = EmbeddingCache(cache_dir).get_or_compute(spec, prompts, compute, expect)
     return {k: v.to(dev) for k, v in out.items()}
 
 

@@ -5,17 +5,25 @@
 
 Writes go to a temporary file in the same directory and are published with ``os.replace``
 (atomic), so a reader never sees a half-written file.  A truncated or corrupt file (unreadable,
-wrong spec, checksum mismatch) counts as a miss and is recomputed.  Computing the misses holds
+wrong spec, checksum mismatch) counts as a miss and is recomputed, and so does an entry whose
+shapes or dtypes differ from what the model produces (``expect``).  Computing the misses holds
 a directory-wide ``filelock``, so concurrent runs sharing a directory encode each prompt once
 and never load several copies of a large text encoder at the same time.
+
+Sharing: entries and the lock are created with the permissions of the user's umask (``umask
+002`` and a group-writable folder let a group share one cache).  A cache that cannot be written
+(full disk, read-only folder, unreadable entry) never costs the computed embeddings: they are
+returned and one warning line is logged (logger ``threestudio_rfds``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import struct
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -23,7 +31,22 @@ from torch import Tensor
 from ..atomic import atomic_write
 
 Embeddings = Dict[str, Tensor]
+Expect = Dict[str, Tuple[Sequence[Optional[int]], str]]  # name → (per-prompt shape, None = any size; dtype)
 LOCK_NAME = ".lock"
+log = logging.getLogger("threestudio_rfds")
+
+
+def mismatch(tensors: Embeddings, expect: Optional[Expect]) -> Optional[str]:
+    """Why one prompt's tensors do not match ``expect`` (names, shapes, dtypes), or None."""
+    if expect is None:
+        return None
+    if set(tensors) != set(expect):
+        return f"tensors {sorted(tensors)}, expected {sorted(expect)}"
+    for k, (shape, dtype) in expect.items():
+        t = tensors[k]
+        if str(t.dtype) != dtype or t.ndim != len(shape) or any(e is not None and e != n for e, n in zip(shape, t.shape)):
+            return f"{k!r} is {str(t.dtype)} {tuple(t.shape)}, expected {dtype} {tuple(shape)}"
+    return None
 
 
 def cache_key(spec: dict, prompt: str) -> str:
@@ -80,6 +103,9 @@ class EmbeddingCache:
                 data = f.read()
         except FileNotFoundError:
             return None
+        except OSError as e:  # e.g. another user's entry without read permission: recompute it
+            log.warning(f"embedding cache: cannot read {e.filename} ({e.strerror}); recomputing")
+            return None
         try:
             (n,) = struct.unpack("<Q", data[:8])
             meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
@@ -100,32 +126,87 @@ class EmbeddingCache:
                 "sha256": tensors_digest(tensors)}
         return atomic_write(self.path(cache_key(spec, prompt)), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
-    def get_or_compute(
-        self, spec: dict, prompts: List[str], compute: Callable[[List[str]], Embeddings]
-    ) -> Embeddings:
-        """Embeddings [N, ...] for ``prompts``; ``compute(missing)`` encodes the misses in one batch."""
+    def load_valid(self, spec: dict, prompt: str, expect: Optional[Expect]) -> Optional[Embeddings]:
+        """:meth:`load`, and None (with a warning) for an entry that ``expect`` rejects."""
+        tensors = self.load(spec, prompt)
+        why = None if tensors is None else mismatch(tensors, expect)
+        if why is not None:
+            log.warning(f"embedding cache: entry for {prompt!r} in {self.dir} has {why}; recomputing")
+            return None
+        return tensors
+
+    @contextlib.contextmanager
+    def _lock(self):
+        """The directory lock; without it (read-only folder) the misses are computed unlocked."""
         from filelock import FileLock, Timeout
 
-        found = {p: self.load(spec, p) for p in dict.fromkeys(prompts)}
+        try:
+            lock = FileLock(os.path.join(self.dir, LOCK_NAME), timeout=self.lock_timeout)
+            lock.acquire()
+        except Timeout as e:
+            raise TimeoutError(f"embedding cache {self.dir}: could not take {LOCK_NAME} within "
+                               f"{self.lock_timeout}s (another run is encoding into this directory)") from e
+        except OSError as e:
+            log.warning(f"embedding cache: cannot lock {self.dir} ({e.strerror}); encoding without the cache lock")
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _store(self, spec: dict, rows: Dict[str, Embeddings]) -> None:
+        """Save computed rows; a failed write (full disk, permissions) is one warning, not an error."""
+        failed = []
+        for p, row in rows.items():
+            try:
+                self.save(spec, p, row)
+            except OSError as e:
+                failed.append(e)
+        if failed:
+            e = failed[0]
+            log.warning(f"embedding cache: could not store {len(failed)} of {len(rows)} new entries in {self.dir} "
+                        f"({e.strerror or e}); the computed embeddings are used uncached")
+
+    def get_or_compute(
+        self, spec: dict, prompts: List[str], compute: Callable[[List[str]], Embeddings],
+        expect: Optional[Expect] = None,
+    ) -> Embeddings:
+        """Embeddings [N, ...] for ``prompts``; ``compute(missing)`` encodes the misses in one batch.
+
+        Entries that do not match ``expect`` (what the model produces) are recomputed; without
+        ``expect``, the computed rows (or else the first prompt's entry) set the shapes the others
+        must share."""
+        found = {p: self.load_valid(spec, p, expect) for p in dict.fromkeys(prompts)}
         missing = [p for p, v in found.items() if v is None]
         if missing:
-            lock = FileLock(os.path.join(self.dir, LOCK_NAME), timeout=self.lock_timeout)
-            try:
-                with lock:
-                    for p in missing:  # another process may have written them meanwhile
-                        found[p] = self.load(spec, p)
-                    missing = [p for p in missing if found[p] is None]
-                    if missing:
-                        batch = compute(missing)
-                        for i, p in enumerate(missing):
-                            row = {k: v[i] for k, v in batch.items()}
-                            self.save(spec, p, row)
-                            found[p] = {k: v.detach().cpu() for k, v in row.items()}
-            except Timeout as e:
-                raise TimeoutError(f"embedding cache {self.dir}: could not take {LOCK_NAME} within "
-                                   f"{self.lock_timeout}s (another run is encoding into this directory)") from e
+            with self._lock():
+                for p in missing:  # another process may have written them meanwhile
+                    found[p] = self.load_valid(spec, p, expect)
+                missing = [p for p in missing if found[p] is None]
+                if missing:
+                    batch = compute(missing)
+                    rows = {p: {k: v[i].detach().cpu() for k, v in batch.items()} for i, p in enumerate(missing)}
+                    self._store(spec, rows)
+                    found.update(rows)
+        # the model's own rows are the reference; with none computed, ``expect`` or the first entry
+        ref = _signature(found[missing[0]]) if missing else expect or _signature(found[prompts[0]])
+        odd = [p for p, v in found.items() if mismatch(v, ref)]
+        if odd and not missing and expect is None:
+            odd = list(found)  # entries disagree and no model row says which are right: recompute all
+        if odd:
+            log.warning(f"embedding cache: {len(odd)} entries in {self.dir} differ in shape/dtype from the "
+                        f"model's output; recomputing them")
+            batch = compute(odd)
+            rows = {p: {k: v[i].detach().cpu() for k, v in batch.items()} for i, p in enumerate(odd)}
+            self._store(spec, rows)
+            found.update(rows)
         keys = list(found[prompts[0]])
         return {k: torch.stack([found[p][k] for p in prompts]) for k in keys}
 
 
-__all__ = ["EmbeddingCache", "cache_key", "tensors_digest", "model_fingerprint"]
+def _signature(tensors: Embeddings) -> Expect:
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in tensors.items()}
+
+
+__all__ = ["EmbeddingCache", "cache_key", "tensors_digest", "model_fingerprint", "mismatch"]

@@ -1,0 +1,62 @@
+"""What the text encoders produce per prompt, read from the model's config files, so that the
+embedding cache can reject an entry of the wrong shape or dtype (text/cache.py ``expect``).
+
+Only files already on disk are read (a local folder or the Hugging Face cache); when one is
+missing the answer is None and the cache falls back to the model's own rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from .cache import Expect
+
+
+def _config(path: str, subfolder: str, name: str, revision: Optional[str]) -> Optional[dict]:
+    if os.path.isdir(path):
+        file = os.path.join(path, subfolder, name)
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            file = try_to_load_from_cache(path, f"{subfolder}/{name}", revision=revision)
+        except Exception:  # an id that is not a repository name, an old huggingface_hub
+            return None
+    if not isinstance(file, str) or not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _max_length(path: str, subfolder: str, revision: Optional[str]) -> Optional[int]:
+    """The tokenizer's padded length (CLIP: 77), or None (any length) when not recorded."""
+    n = (_config(path, subfolder, "tokenizer_config.json", revision) or {}).get("model_max_length")
+    return n if isinstance(n, int) and 0 < n < 100_000 else None
+
+
+def expected_embeddings(family: str, path: str, options: dict, dtype: str) -> Optional[Expect]:
+    """{name: (per-prompt shape, dtype)} of :func:`threestudio_rfds.text.encode_prompts`, or None."""
+    rev = options.get("revision")
+    if family == "instaflow":
+        enc = _config(path, "text_encoder", "config.json", rev)
+        if not enc or "hidden_size" not in enc:
+            return None
+        return {"encoder_hidden_states": ((_max_length(path, "tokenizer", rev), enc["hidden_size"]), dtype)}
+    clip = [_config(path, sub, "config.json", rev) for sub in ("text_encoder", "text_encoder_2")]
+    if options.get("use_t5", True):
+        width = (_config(path, "text_encoder_3", "config.json", rev) or {}).get("d_model")
+    else:
+        width = (_config(path, "transformer", "config.json", rev) or {}).get("joint_attention_dim")
+    if not all(c and "projection_dim" in c for c in clip) or not isinstance(width, int):
+        return None
+    clip_len = _max_length(path, "tokenizer", rev)
+    seq = None if clip_len is None else clip_len + int(options.get("max_sequence_length", 256))
+    return {"prompt_embeds": ((seq, width), dtype),
+            "pooled_prompt_embeds": ((sum(c["projection_dim"] for c in clip),), dtype)}
+
+
+__all__ = ["expected_embeddings"]
