@@ -5,7 +5,10 @@ test renders in threestudio's layout ``<exp_root_dir>/<name>/<tag>/save/it<N>-te
 The fake's behaviour is steered by the prompt: ``FAIL`` → exits 1 after printing an error;
 ``KILL`` → if the file ``kill-flag`` exists in the checkout, deletes it and SIGKILLs its parent
 (the benchmark runner), simulating a crash mid-benchmark; ``SLOW`` → if ``slow-flag`` exists, deletes it,
-creates ``sleeping`` and sleeps (for Ctrl-C tests).  Every call is appended to ``calls.jsonl``.
+creates ``sleeping`` and sleeps (for Ctrl-C tests).  With ``$FAKE_STEP_S`` set it sleeps that long per
+training step, printing a tqdm-like progress bar.  Every call is appended to ``calls.jsonl`` with its
+pid, ``$CUDA_VISIBLE_DEVICES`` and ``live_twins``: pids of earlier launches of the same run still alive
+when it started (must stay empty: never two live copies of one run).
 """
 import os
 import textwrap
@@ -27,10 +30,30 @@ FAKE_LAUNCH = textwrap.dedent(
     cfg = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_cli(extras))
     prompt = cfg.system.prompt_processor.prompt
     here = os.path.dirname(os.path.abspath(__file__))
+
+    def alive(pid):  # a live, non-zombie process
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    earlier = [json.loads(l) for l in open(os.path.join(here, "calls.jsonl"))] if os.path.exists(os.path.join(here, "calls.jsonl")) else []
+    twin = [c["pid"] for c in earlier if c.get("tag") == cfg.tag and alive(c["pid"])]
     with open(os.path.join(here, "calls.jsonl"), "a") as f:
         f.write(json.dumps({"prompt": prompt, "prompt_type": type(prompt).__name__, "seed": cfg.seed,
                             "cwd": os.getcwd(), "train": args.train, "gpu": args.gpu,
-                            "max_steps": cfg.trainer.max_steps, "name": cfg.name}) + "\n")
+                            "max_steps": cfg.trainer.max_steps, "name": cfg.name, "tag": cfg.tag, "pid": os.getpid(),
+                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "live_twins": twin}) + "\n")
+    step_s = float(os.environ.get("FAKE_STEP_S", "0"))
+    if step_s:
+        import time
+        n = cfg.trainer.max_steps
+        for i in range(1, n + 1):
+            time.sleep(step_s)
+            print(f"\rEpoch 0: {100 * i // n}%| | {i}/{n} [00:00<00:00]", end="", flush=True)
+        print()
     if "FAIL" in prompt:
         print("Traceback (most recent call last):")
         print("RuntimeError: fake launch failed for " + prompt)

@@ -35,7 +35,7 @@ def test_run_records_failures_and_resumes(fake, tmp_path):
     suite = load_suite(write_suite(str(tmp_path / "s.yaml"), ["a hamburger", "FAIL here", TRICKY], seeds=[0, 1],
                                    overrides=["trainer.max_steps=6"]))
     counts = run_suite(suite, ts, out, log=lambda s: None)
-    assert counts == {"planned": 6, "done": 4, "failed": 2, "skipped": 0}
+    assert counts == {"planned": 6, "done": 4, "failed": 2, "skipped": 0, "failed_earlier": 0, "running_elsewhere": 0}
     c = calls(ts)
     assert len(c) == 6
     assert {x["cwd"] for x in c} == {os.path.abspath(ts)} and all(x["train"] and x["gpu"] == "0" for x in c)
@@ -45,18 +45,20 @@ def test_run_records_failures_and_resumes(fake, tmp_path):
     state = Ledger(os.path.join(out, "ledger.jsonl")).state()
     failed = [r for r in state.values() if r["status"] == "failed"]
     assert len(failed) == 2 and all("fake launch failed for FAIL here" in r["log_tail"] for r in failed)
-    assert all(r["error"] == "exit code 1" for r in failed)
+    assert all(r["error"] == "exit code 1: RuntimeError: fake launch failed for FAIL here" for r in failed)
     done = [r for r in state.values() if r["status"] == "done"]
     for r in done:
         assert r["step"] == 6 and r["renders"] == ["0.png", "1.png", "2.png", "3.png"]  # last it<N>-test only
-        assert r["renders_dir"] == os.path.join(out, "runs", "fake", os.path.basename(r["trial_dir"]), "save", "it6-test")
+        assert r["renders_dir"] == os.path.join("runs", "fake", os.path.basename(r["trial_dir"]), "save", "it6-test")
+        assert r["trial_dir"].startswith("runs/fake/") and r["log"].startswith("logs/fake/")  # relative to OUT
         assert r["wall_time_s"] > 0 and r["max_rss_bytes"] > 0
         assert r["peak_mem_allocated_bytes"] is None  # the fake never touches CUDA
     with open(os.path.join(out, "suite.json")) as f:
         assert json.load(f)["prompts"] == suite.prompts
 
     # resume: nothing is launched again; --retry-failed relaunches only the failures
-    assert run_suite(suite, ts, out, log=lambda s: None)["skipped"] == 6
+    counts = run_suite(suite, ts, out, log=lambda s: None)
+    assert (counts["skipped"], counts["failed_earlier"], counts["done"]) == (4, 2, 0)
     assert len(calls(ts)) == 6
     counts = run_suite(suite, ts, out, retry_failed=True, log=lambda s: None)
     assert counts["failed"] == 2 and counts["skipped"] == 4
@@ -78,7 +80,9 @@ def test_crash_mid_benchmark_resumes_without_redoing(fake, tmp_path):
     assert [x["prompt"] for x in calls(ts)] == ["first", "KILL the runner", "KILL the runner", "third"]
     state = Ledger(os.path.join(out, "ledger.jsonl")).state()
     assert sorted(r["status"] for r in state.values()) == ["done"] * 3
-    assert "1 already finished" in p.stdout
+    assert "1 already finished" in p.stdout and "earlier attempt is gone" in p.stdout
+    killed = [r["status"] for r in Ledger(os.path.join(out, "ledger.jsonl")).records() if "KILL" in r["prompt"]]
+    assert killed == ["started", "interrupted", "started", "done"]  # the dead owner's attempt is closed first
 
 
 def test_ctrl_c_records_interrupted_and_resumes(fake, tmp_path):
@@ -109,7 +113,7 @@ def test_relative_out_dir(fake, tmp_path, monkeypatch):
     assert bench_main(["run", suite, "--threestudio", os.path.relpath(ts), "--out", "rel-out"]) == 0
     (rec,) = Ledger(str(tmp_path / "rel-out" / "ledger.jsonl")).state().values()
     assert rec["status"] == "done" and rec["max_rss_bytes"] > 0  # memwrap's stats landed in OUT/logs
-    assert rec["renders_dir"].startswith(str(tmp_path / "rel-out" / "runs"))
+    assert rec["renders_dir"].startswith("runs/")  # relative to the results folder
 
 
 def test_dry_run_prints_commands_and_writes_nothing(fake, tmp_path, capsys):

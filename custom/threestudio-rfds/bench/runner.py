@@ -15,23 +15,23 @@ with cwd = the threestudio checkout.  Wall time is measured here around the subp
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..atomic import write_json
+from .executors import EXECUTORS, Executor, LocalExecutor, parse_gpus
 from .ledger import Ledger
+from .logs import LOG_TAIL_LINES, log_tail  # noqa: F401 (re-exported)
+from .owner import STALE_AFTER
+from .scheduler import RunSpec, Slot
 from .suite import Run, Suite, SuiteError, suite_digest
 
 MEMWRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memwrap.py")
-LOG_TAIL_LINES = 40
 _TEST_DIR = re.compile(r"^it(\d+)-test$")
 
 
@@ -110,20 +110,8 @@ def find_test_renders(trial_dir: str) -> Dict[str, object]:
     return {"step": best[0], "renders_dir": d, "renders": pngs}
 
 
-def log_tail(path: str, n: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(lines[-n:])
-
-
-def _read_stats(path: str) -> Dict[str, object]:
-    import json
-
+def read_stats(path: str) -> Dict[str, object]:
+    """memwrap's stats file, or {} if the child died before writing it."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -133,8 +121,6 @@ def _read_stats(path: str) -> Dict[str, object]:
 
 def check_out_dir(out_dir: str, suite: Suite, allow_other_suite: bool = False) -> None:
     """Refuse to mix two different suites in one results folder (resume needs the same suite)."""
-    import json
-
     path = os.path.join(out_dir, "suite.json")
     if not os.path.exists(path):
         return
@@ -158,99 +144,49 @@ def run_suite(
     timeout: Optional[float] = None,
     extra_overrides: Optional[List[str]] = None,
     log: Callable[[str], None] = print,
+    gpus: Optional[str] = None,
+    executor: str = "local",
+    executor_options: Optional[Dict[str, Any]] = None,
+    progress_every: float = 60.0,
+    grace: float = 10.0,
+    stale_after: float = STALE_AFTER,
 ) -> Dict[str, int]:
-    """Run every run of ``suite`` not yet done; returns counts {done, failed, skipped, planned}."""
+    """Run (or, with ``executor="slurm"``, submit) every run of ``suite`` not yet done; returns counts
+    {planned, done, failed, skipped (done earlier), failed_earlier, running_elsewhere[, submitted]}.
+    ``gpus`` ("0,1,3" or "all") runs one launch per GPU at a time; without it every launch gets ``--gpu gpu``."""
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0 and timeout < float("inf")):
+        raise SuiteError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
+    if executor not in EXECUTORS:
+        raise SuiteError(f"--executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
     python = python or sys.executable
     threestudio = os.path.abspath(threestudio)
     out_dir = os.path.abspath(out_dir)  # the child runs in the threestudio checkout
-    launch = os.path.join(threestudio, "launch.py")
-    if not os.path.isfile(launch):
+    if not os.path.isfile(os.path.join(threestudio, "launch.py")):
         raise SuiteError(f"--threestudio {threestudio!r} has no launch.py; pass the threestudio checkout")
+    if executor == "local":
+        slots = parse_gpus(gpus) if gpus else [Slot(f"gpu{gpu}", {}, gpu)]
+        ex: Executor = LocalExecutor(slots, progress_every=progress_every)
+    else:
+        ex = EXECUTORS[executor](**{**suite.slurm, **(executor_options or {})})
+        slots = [Slot("task", {}, "0")]
     runs = suite.runs()
-    cmds = {r.run_id: build_command(r, suite, out_dir, threestudio, python, gpu, extra_overrides) for r in runs}
-    ledger = Ledger(os.path.join(out_dir, "ledger.jsonl"))
-    state = ledger.state()
-    skip_status = ("done", "failed") if not retry_failed else ("done",)
-    counts = {"planned": len(runs), "skipped": 0, "done": 0, "failed": 0}
+    cmds = {r.run_id: build_command(r, suite, out_dir, threestudio, python, slots[0].launch_gpu, extra_overrides)
+            for r in runs}  # resolves every config now: a missing one stops the suite before any launch
+    counts = {"planned": len(runs), "skipped": 0, "done": 0, "failed": 0, "failed_earlier": 0, "running_elsewhere": 0}
 
     if dry_run:
+        state = Ledger(os.path.join(out_dir, "ledger.jsonl")).state()
+        skip_status = ("done", "failed") if not retry_failed else ("done",)
+        env = "" if executor != "local" or not gpus else f"CUDA_VISIBLE_DEVICES={{{','.join(s.env['CUDA_VISIBLE_DEVICES'] for s in slots)}}} "
         for r in runs:
             st = state.get(r.run_id, {}).get("status")
             mark = f"[skip: {st}] " if st in skip_status else ""
-            log(f"{mark}{r.run_id}\n  cd {shlex.quote(threestudio)} && {shlex.join(cmds[r.run_id])}")
+            log(f"{mark}{r.run_id}\n  cd {shlex.quote(threestudio)} && {env}{shlex.join(cmds[r.run_id])}")
         return counts
 
     check_out_dir(out_dir, suite)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "suite.json"), {**suite.to_dict(), "digest": suite_digest(suite)}, sort_keys=True)
-    for i, r in enumerate(runs):
-        prev = state.get(r.run_id, {}).get("status")
-        if prev in skip_status:
-            counts["skipped"] += 1
-            continue
-        log(f"[{i + 1}/{len(runs)}] {r.run_id}" + (f" (previous attempt: {prev})" if prev else ""))
-        rec = _run_one(r, cmds[r.run_id], out_dir, threestudio, ledger, timeout)
-        counts[rec["status"]] += 1
-        if rec["status"] == "failed":
-            log(f"  FAILED ({rec.get('error')}); log: {run_paths(out_dir, r).log}")
-        else:
-            log(f"  done in {rec['wall_time_s']:.1f}s, {rec['n_renders']} test renders")
-    return counts
-
-
-def _run_one(run: Run, cmd: List[str], out_dir: str, threestudio: str, ledger: Ledger,
-             timeout: Optional[float]) -> Dict[str, object]:
-    p = run_paths(out_dir, run)
-    # a previous, unfinished attempt may have left renders: start clean (only inside OUT)
-    shutil.rmtree(p.trial_dir, ignore_errors=True)
-    for f in (p.stats,):
-        if os.path.exists(f):
-            os.remove(f)
-    os.makedirs(os.path.dirname(p.log), exist_ok=True)
-    info = {"config": run.config.label, "config_path": run.config.path, "prompt": run.prompt,
-            "seed": run.seed, "trial_dir": p.trial_dir, "log": p.log, "cmd": cmd}
-    ledger.append(run.run_id, "started", **info)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    t0 = time.monotonic()
-    error = None
-    with open(p.log, "wb") as logf:
-        proc = subprocess.Popen(cmd, cwd=threestudio, stdout=logf, stderr=subprocess.STDOUT, env=env)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _stop(proc)
-            rc, error = proc.returncode, f"timed out after {timeout}s"
-        except BaseException:  # KeyboardInterrupt / SystemExit: record and stop the child
-            _stop(proc)
-            ledger.append(run.run_id, "interrupted", wall_time_s=time.monotonic() - t0, **info)
-            raise
-    wall = time.monotonic() - t0
-    stats = _read_stats(p.stats)
-    renders = find_test_renders(p.trial_dir)
-    if error is None and rc != 0:
-        error = f"exit code {rc}"
-    if error is None and not renders["renders"]:
-        error = f"no test renders under {os.path.join(p.trial_dir, 'save')}/it<N>-test/"
-    fields = dict(info, returncode=rc, wall_time_s=wall,
-                  peak_mem_allocated_bytes=stats.get("cuda_max_memory_allocated"),
-                  peak_mem_reserved_bytes=stats.get("cuda_max_memory_reserved"),
-                  device_name=stats.get("device_name"), max_rss_bytes=stats.get("max_rss_bytes"),
-                  n_renders=len(renders["renders"]), **renders)
-    if error is not None:
-        return ledger.append(run.run_id, "failed", error=error, log_tail=log_tail(p.log), **fields)
-    return ledger.append(run.run_id, "done", **fields)
-
-
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGINT (lets Lightning shut down), then SIGKILL after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.kill()
-        proc.wait()
+    spec = RunSpec(suite, out_dir, threestudio, python, timeout, list(extra_overrides or []), retry_failed, grace,
+                   stale_after)
+    return {**counts, **ex.run(spec, runs, log)}

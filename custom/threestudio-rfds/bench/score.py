@@ -14,8 +14,10 @@ sizes and statistics come from the model's ``preprocessor_config.json`` when it 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -25,6 +27,7 @@ from PIL import Image
 from ..backends.base import resolve_device
 from ..atomic import write_json
 from .ledger import Ledger
+from .paths import check_results, local_path
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -77,7 +80,8 @@ def load_render(path: str, panel: str = "first-square") -> Image.Image:
     """A test render; ``first-square`` keeps the leftmost H×H panel of a wider grid image."""
     if panel not in PANELS:
         raise ValueError(f"panel must be one of {list(PANELS)}, got {panel!r}")
-    img = Image.open(path).convert("RGB")
+    with Image.open(path) as im:
+        img = im.convert("RGB")  # decodes now: a truncated file fails here
     w, h = img.size
     if panel == "first-square" and w > h:
         img = img.crop((0, 0, h, h))
@@ -93,19 +97,41 @@ def pick_views(n: int, max_views: Optional[int]) -> List[int]:
     return sorted({int(round(i * n / max_views)) % n for i in range(max_views)})
 
 
+@contextlib.contextmanager
+def _quiet_hub():
+    """transformers / huggingface_hub log retries and warnings while failing offline: keep errors only."""
+    import logging
+
+    from transformers.utils import logging as tlog
+
+    old_t, hub = tlog.get_verbosity(), logging.getLogger("huggingface_hub")
+    old_h = hub.level
+    tlog.set_verbosity_error()
+    hub.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        tlog.set_verbosity(old_t)
+        hub.setLevel(old_h)
+
+
 class ClipScorer:
     def __init__(self, model: str = DEFAULT_CLIP, device: str = "auto", batch_size: int = 32):
         from transformers import AutoTokenizer, CLIPModel
 
         self.device = resolve_device(device)
         try:
-            self.model = CLIPModel.from_pretrained(model).to(self.device).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            with _quiet_hub():
+                self.model = CLIPModel.from_pretrained(model).to(self.device).eval()
+                self.tokenizer = AutoTokenizer.from_pretrained(model)
         except OSError as e:
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise OSError(
-                f"cannot load CLIP model {model!r}: {e}. Pass --clip-model with a local folder or a hub id "
-                f"(download with `huggingface-cli download {model}`)"
-            ) from e
+                f"cannot load CLIP model {model!r} ({first[:200]}); pass --clip-model with a local folder, "
+                f"or download it first with `huggingface-cli download {model}`"
+            ) from None
         self.preprocess = Preprocessor.from_pretrained(model, self.model.config.vision_config.image_size)
         self.batch_size = batch_size
         self.name = model
@@ -142,10 +168,10 @@ def score_views(sims: torch.Tensor, true_index: int) -> List[Dict[str, float]]:
 def score_results(out_dir: str, scorer: ClipScorer, *, panel: str = "first-square",
                   max_views: Optional[int] = None, log=print) -> Dict[str, object]:
     """Score every finished run in a results folder; writes and returns ``scores.json``."""
-    suite_file = os.path.join(out_dir, "suite.json")
-    if not os.path.exists(suite_file):
-        raise FileNotFoundError(f"{out_dir} has no suite.json: is it an `rfds-bench run` results folder?")
-    with open(suite_file) as f:
+    if panel not in PANELS:
+        raise ValueError(f"panel must be one of {list(PANELS)}, got {panel!r}")
+    suite_file = check_results(out_dir)
+    with open(suite_file, encoding="utf-8") as f:
         prompts: List[str] = json.load(f)["prompts"]
     text = scorer.text_features(prompts)
     runs: Dict[str, object] = {}
@@ -156,17 +182,29 @@ def score_results(out_dir: str, scorer: ClipScorer, *, panel: str = "first-squar
             log(f"skipping {rid}: its prompt is not in suite.json")
             continue
         idx = pick_views(len(rec["renders"]), max_views)
-        files = [os.path.join(rec["renders_dir"], rec["renders"][i]) for i in idx]
-        missing = [f for f in files if not os.path.exists(f)]
-        if missing:
-            log(f"skipping {rid}: {len(missing)} render(s) missing, e.g. {missing[0]}")
+        renders_dir = local_path(out_dir, rec["renders_dir"])
+        files, images, bad = [], [], []
+        for i in idx:
+            f = os.path.join(renders_dir, rec["renders"][i])
+            try:
+                images.append(load_render(f, panel))
+                files.append(f)
+            except (OSError, SyntaxError, ValueError) as e:  # missing, truncated, not an image
+                bad.append((f, e))
+        if bad:
+            f, e = bad[0]
+            log(f"{rid}: skipping {len(bad)} unreadable render(s) of {len(idx)}, e.g. "
+                f"{os.path.relpath(f, out_dir)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        if not images:
+            log(f"skipping {rid}: no readable render")
             continue
-        sims = scorer.image_features([load_render(f, panel) for f in files]) @ text.T
+        sims = scorer.image_features(images) @ text.T
         views = score_views(sims.cpu(), prompts.index(rec["prompt"]))
         for v, f in zip(views, files):
             v["file"] = os.path.relpath(f, out_dir)
         cs = np.array([v["clip_score"] for v in views])
         runs[rid] = {"prompt": rec["prompt"], "config": rec["config"], "seed": rec["seed"], "n_views": len(views),
+                     "n_unreadable": len(bad),
                      "clip_score": float(cs.mean()), "clip_score_std": float(cs.std()),
                      "r_precision": float(np.mean([v["r_precision"] for v in views])), "views": views}
         log(f"{rid}: CLIP score {cs.mean():.2f}, R-precision {runs[rid]['r_precision']:.3f} over {len(views)} views")

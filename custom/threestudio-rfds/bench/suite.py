@@ -7,7 +7,8 @@
       - {path: custom/threestudio-rfds/configs/rfds-instaflow.yaml, label: instaflow, overrides: [trainer.max_steps=3000]}
     seeds: [0, 1]                      # optional, default [0]; distinct integers >= 0
     overrides: [trainer.max_steps=5000]  # optional, key=value for every run
-    prompts: [...]                     # required, >= 1 distinct non-empty strings
+    prompts: [...]                     # required, >= 1 distinct non-empty strings (whitespace normalised)
+    slurm: {partition: gpu, time_min: 240, sbatch: {qos: high}}  # optional, --executor slurm defaults
 
 A run is one (config, prompt, seed); its id ``<label>/<prompt-slug>/s<seed>`` names its folder.
 """
@@ -21,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-SUITE_KEYS = {"name", "description", "configs", "seeds", "overrides", "prompts"}
+SUITE_KEYS = {"name", "description", "configs", "seeds", "overrides", "prompts", "slurm"}
 CONFIG_KEYS = {"path", "label", "overrides"}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*=.*$")
@@ -67,6 +68,7 @@ class Suite:
     overrides: List[str] = field(default_factory=list)
     description: str = ""
     source: Optional[str] = None
+    slurm: Dict[str, Any] = field(default_factory=dict)
 
     def runs(self) -> List[Run]:
         """All runs, config-major (one config's runs share warm caches), then prompt, then seed."""
@@ -82,6 +84,11 @@ class Suite:
         d = dict(d)
         d["configs"] = [ConfigEntry(**c) for c in d["configs"]]
         return cls(**d)
+
+
+def normalize_prompt(text: str) -> str:
+    """Surrounding whitespace stripped, inner runs of whitespace collapsed to one space."""
+    return " ".join(text.split())
 
 
 def slugify(text: str, max_len: int = 48) -> str:
@@ -129,10 +136,10 @@ def parse_suite(data: Any, where: str = "suite") -> Suite:
             _fail(where, f"prompt #{i} must be a non-empty string, got {p!r}")
         if "${" in p:
             _fail(where, f"prompt #{i} {p!r} contains '${{', which OmegaConf would interpolate")
+    prompts = [normalize_prompt(p) for p in prompts]
     dup = sorted({p for p in prompts if prompts.count(p) > 1})
     if dup:
-        _fail(where, f"duplicate prompts {dup}")
-    prompts = [p.strip() for p in prompts]
+        _fail(where, f"duplicate prompts {dup} (compared after normalising whitespace)")
 
     seeds = data.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -172,7 +179,20 @@ def parse_suite(data: Any, where: str = "suite") -> Suite:
     desc = data.get("description", "")
     if not isinstance(desc, str):
         _fail(where, f"'description' must be a string, got {desc!r}")
-    return Suite(name, prompts, configs, list(seeds), _check_overrides(where, data.get("overrides")), desc)
+    slurm = data.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        _fail(where, f"'slurm' must be a mapping of executor options, got {slurm!r}")
+    from .slurm import OPTION_KEYS, SlurmOptions
+
+    unknown = set(slurm) - OPTION_KEYS
+    if unknown:
+        _fail(where, f"slurm: unknown keys {sorted(unknown)}; allowed keys are {sorted(OPTION_KEYS)}")
+    try:
+        SlurmOptions(**slurm)
+    except SuiteError as e:
+        _fail(where, str(e))
+    return Suite(name, prompts, configs, list(seeds), _check_overrides(where, data.get("overrides")), desc,
+                 slurm=dict(slurm))
 
 
 def suite_search_dirs() -> List[str]:
@@ -185,14 +205,23 @@ def suite_search_dirs() -> List[str]:
 
 
 def find_suite(name_or_path: str) -> str:
-    """A YAML path, or a bare suite name (``default``) looked up in :func:`suite_search_dirs`."""
+    """A YAML path (relative to the current folder first, then to the repository holding configs/),
+    or a bare suite name (``default``) looked up in :func:`suite_search_dirs`."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    if not name_or_path.endswith((".yaml", ".yml")):
-        for d in suite_search_dirs():
-            p = os.path.join(d, name_or_path + ".yaml")
-            if os.path.isfile(p):
-                return p
+    looked = [os.path.abspath(name_or_path)]
+    if name_or_path.endswith((".yaml", ".yml")):
+        if not os.path.isabs(name_or_path):
+            for d in suite_search_dirs():
+                for p in (os.path.join(os.path.dirname(d), name_or_path), os.path.join(d, name_or_path)):
+                    if os.path.isfile(p):
+                        return p
+                    looked.append(p)
+        raise SuiteError(f"suite file {name_or_path!r} not found; looked at {list(dict.fromkeys(looked))}")
+    for d in suite_search_dirs():
+        p = os.path.join(d, name_or_path + ".yaml")
+        if os.path.isfile(p):
+            return p
     raise SuiteError(
         f"suite {name_or_path!r} not found: not a file, and no {name_or_path}.yaml in {suite_search_dirs()}"
     )
@@ -201,8 +230,16 @@ def find_suite(name_or_path: str) -> str:
 def load_suite(name_or_path: str) -> Suite:
     path = find_suite(name_or_path)
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise SuiteError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8") from None
+    except OSError as e:
+        raise SuiteError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SuiteError(f"{path}: not valid YAML: {e}") from e
     suite = parse_suite(data, where=path)
@@ -213,6 +250,6 @@ def load_suite(name_or_path: str) -> Suite:
 def suite_digest(suite: Suite) -> str:
     """Short hash of what determines the runs (prompts, seeds, configs, overrides)."""
     d = suite.to_dict()
-    d.pop("source", None)
-    d.pop("description", None)
+    for k in ("source", "description", "slurm"):
+        d.pop(k, None)
     return hashlib.sha1(repr(sorted(d.items())).encode()).hexdigest()[:12]

@@ -1,0 +1,193 @@
+"""``--executor slurm``: the suite as a submitit job array, one array task per run.
+
+Each task runs :func:`scheduler.execute` for its one run on one slot (the GPUs SLURM gave it), so
+claiming, recording and stopping are the local code.  Results go to the results folder, which must be
+on a file system all nodes share.  A task is ``submitit.helpers.Checkpointable``: on preemption or
+time-out SLURM signals it, submitit requeues it (at most ``max_requeues`` times), and the requeued
+task finds its earlier incarnation's ``started`` record (same array task id) and reruns the run.
+Submitted arrays are listed in ``OUT/slurm/jobs.jsonl`` for ``rfds-bench status``.
+``cluster="local"`` / ``"debug"`` are submitit's own local-subprocess / in-process executors: the
+same code path without a cluster (tests, a quick check of a suite).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from .ledger import Ledger
+from .owner import Heartbeat, me
+from .scheduler import RunSpec, Slot, classify, execute
+from .suite import Run, SuiteError
+
+try:  # optional dependency: only --executor slurm needs it
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # pragma: no cover
+    _Checkpointable = object
+
+CLUSTERS = ("slurm", "local", "debug")
+OPTION_KEYS = {"partition", "account", "time_min", "gpus_per_task", "cpus_per_task", "mem_gb",
+               "array_parallelism", "sbatch", "setup", "max_requeues"}
+
+
+@dataclass
+class SlurmOptions:
+    cluster: str = "slurm"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time_min: int = 240
+    gpus_per_task: int = 1
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+    array_parallelism: Optional[int] = None
+    sbatch: Dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options, e.g. {"qos": "high"}
+    setup: List[str] = field(default_factory=list)  # shell lines before the task (module load, ...)
+    max_requeues: int = 3
+    wait: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cluster not in CLUSTERS:
+            raise SuiteError(f"slurm cluster must be one of {list(CLUSTERS)}, got {self.cluster!r}")
+        for key, lo in (("time_min", 1), ("gpus_per_task", 0), ("cpus_per_task", 1), ("array_parallelism", 1),
+                        ("max_requeues", 0)):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                raise SuiteError(f"slurm {key} must be an integer >= {lo}, got {v!r}")
+        if self.mem_gb is not None and (not isinstance(self.mem_gb, (int, float)) or self.mem_gb <= 0):
+            raise SuiteError(f"slurm mem_gb must be a number > 0, got {self.mem_gb!r}")
+        if not isinstance(self.sbatch, dict) or not all(isinstance(k, str) for k in self.sbatch):
+            raise SuiteError(f"slurm sbatch must be a mapping of sbatch option names to values, got {self.sbatch!r}")
+        if not isinstance(self.setup, list) or not all(isinstance(s, str) for s in self.setup):
+            raise SuiteError(f"slurm setup must be a list of shell lines, got {self.setup!r}")
+
+    def executor_parameters(self, name: str) -> Dict[str, Any]:
+        """``AutoExecutor.update_parameters`` keywords (slurm_* ones are ignored off SLURM)."""
+        p: Dict[str, Any] = dict(name=name, timeout_min=self.time_min, gpus_per_node=self.gpus_per_task,
+                                 tasks_per_node=1, nodes=1, cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb,
+                                 slurm_partition=self.partition, slurm_account=self.account,
+                                 slurm_array_parallelism=self.array_parallelism,
+                                 slurm_additional_parameters=dict(self.sbatch) or None,
+                                 slurm_setup=list(self.setup) or None)
+        if self.cluster == "local":
+            p["local_setup"] = list(self.setup) or None
+        return {k: v for k, v in p.items() if v is not None}
+
+
+def _task_slot(gpus: int) -> Slot:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return Slot(f"{socket.gethostname()}:gpu{visible or '-'}", {}, ",".join(str(i) for i in range(max(gpus, 1))))
+
+
+def run_task(spec: RunSpec, run_id: str, gpus_per_task: int = 1) -> str:
+    """One array task: run ``run_id`` here (unless done or alive elsewhere); returns its ledger status."""
+    runs = [r for r in spec.suite.runs() if r.run_id == run_id]
+    if not runs:
+        raise SuiteError(f"run {run_id!r} is not in suite {spec.suite.name!r}")
+    execute(runs, spec, [_task_slot(gpus_per_task)], handle_signals=False, progress_every=300.0)
+    return Ledger(os.path.join(spec.out_dir, "ledger.jsonl")).state()[run_id]["status"]
+
+
+class BenchTask(_Checkpointable):
+    """A picklable array task; ``checkpoint`` (submitit's) resubmits it with the same run id."""
+
+    def __init__(self, spec: RunSpec, gpus_per_task: int):
+        self.spec, self.gpus_per_task = spec, gpus_per_task
+
+    def __call__(self, run_id: str) -> str:
+        return run_task(self.spec, run_id, self.gpus_per_task)
+
+
+def _import_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise SuiteError("--executor slurm needs submitit: pip install 'threestudio-rfds[slurm]'") from None
+    return submitit
+
+
+def jobs_file(out_dir: str) -> str:
+    return os.path.join(out_dir, "slurm", "jobs.jsonl")
+
+
+def submitted(out_dir: str) -> List[Dict[str, Any]]:
+    """The arrays ``rfds-bench run --executor slurm`` submitted into ``out_dir``, oldest first."""
+    path = jobs_file(out_dir)
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, ValueError):
+                continue
+    return out
+
+
+def task_states(out_dir: str) -> Dict[str, str]:
+    """run_id → scheduler state (PENDING, RUNNING, ...) of its latest array task, where SLURM says."""
+    states: Dict[str, str] = {}
+    recs = [r for r in submitted(out_dir) if r.get("cluster") == "slurm"]
+    if not recs:
+        return states
+    try:
+        import submitit
+    except ImportError:
+        return states
+    for rec in recs:
+        for i, rid in enumerate(rec["runs"]):
+            try:
+                states[rid] = submitit.SlurmJob(rec["folder"], f"{rec['job_id']}_{i}").state
+            except Exception:  # sacct unavailable: the ledger alone decides
+                pass
+    return states
+
+
+class SubmititExecutor:
+    name = "slurm"
+
+    def __init__(self, options: SlurmOptions):
+        self.options = options
+
+    def run(self, spec: RunSpec, runs: List[Run], log: Callable[[str], None]) -> Dict[str, int]:
+        submitit = _import_submitit()
+        groups = classify(Ledger(os.path.join(spec.out_dir, "ledger.jsonl")), runs, spec, Heartbeat(spec.out_dir, me()))
+        counts = {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(groups["done"]),
+                  "failed_earlier": len(groups["failed"]), "running_elsewhere": len(groups["running"]),
+                  "submitted": len(groups["todo"])}
+        todo = groups["todo"]
+        if not todo:
+            return counts
+        folder = os.path.join(spec.out_dir, "slurm", "%j")
+        ex = submitit.AutoExecutor(folder=folder, cluster=self.options.cluster,
+                                   slurm_max_num_timeout=self.options.max_requeues)
+        ex.update_parameters(**self.options.executor_parameters(f"rfds-bench-{spec.suite.name}"))
+        ids = [r.run_id for r in todo]
+        jobs = ex.map_array(BenchTask(spec, self.options.gpus_per_task), ids)
+        array_id = str(jobs[0].job_id).split("_")[0]
+        rec = {"job_id": array_id, "jobs": [str(j.job_id) for j in jobs], "runs": ids, "cluster": self.options.cluster,
+               "folder": folder, "time": time.time(), "options": asdict(self.options)}
+        os.makedirs(os.path.dirname(jobs_file(spec.out_dir)), exist_ok=True)
+        fd = os.open(jobs_file(spec.out_dir), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, (json.dumps(rec) + "\n").encode())  # one write: whole lines from concurrent submitters
+        finally:
+            os.close(fd)
+        log(f"submitted {len(ids)} runs as {self.options.cluster} job array {array_id} "
+            f"(logs in {os.path.join(spec.out_dir, 'slurm')}); watch with `rfds-bench status {spec.out_dir}`")
+        if not self.options.wait and self.options.cluster != "debug":
+            return counts
+        for j, rid in zip(jobs, ids):
+            try:
+                j.result()
+            except Exception as e:  # the task itself crashed (not the run): the ledger says what is known
+                log(f"{rid}: task {j.job_id} ended with {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
+        state = Ledger(os.path.join(spec.out_dir, "ledger.jsonl")).state()
+        for rid in ids:
+            st = state.get(rid, {}).get("status")
+            counts[st if st in ("done", "failed") else "interrupted"] = counts.get(
+                st if st in ("done", "failed") else "interrupted", 0) + 1
+        return counts
