@@ -39,7 +39,8 @@ def test_sd3_edit_outputs_and_psnr(tmp_path, tiny_sd3_path, rgb_image):
     s = rec["settings"]
     assert s["init"] == "latent" and s["t_start"] == 1.0 and s["sample_guidance"] == 2.0  # SD3 reference defaults
     assert rec["notes"] == ["resized from 48x40 to 32x32"]
-    assert _png(out, "comparison.png").shape == (32, 32 * 3 + 2 * 4, 3)
+    comp = _png(out, "comparison.png")  # three panels enlarged to 192 px, each under a title band
+    assert comp.shape[1] == 3 * 192 + 2 * 6 and comp.shape[0] > 192 and (comp[:10] == 255).mean() > 0.8
     m = rec["metrics"]
     # the recorded PSNR is the float PSNR of the images that were saved (up to 8-bit rounding)
     assert m["psnr_reconstruction_db"] == pytest.approx(psnr(_png(out, "source.png"), _png(out, "reconstruction.png")), abs=0.3)

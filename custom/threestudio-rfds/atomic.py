@@ -81,6 +81,7 @@ class StagedDir:
         parent = os.path.dirname(self.final)
         os.makedirs(parent, exist_ok=True)
         self.path = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(self.final)}.tmp-")
+        self.keep = False  # set when publishing was refused: the staged run is left for the user
         os.chmod(self.path, 0o777 & ~umask())
 
     def _occupied(self) -> bool:
@@ -94,13 +95,22 @@ class StagedDir:
             os.rename(self.path, self.final)
             return self.final
         if not self.replace:
+            self.keep = True
             raise FileExistsError(f"{self.final!r} was created by someone else meanwhile; this run is kept in "
                                   f"{self.path!r}")
         old = tempfile.mkdtemp(dir=os.path.dirname(self.final), prefix=f".{os.path.basename(self.final)}.old-")
-        os.rename(self.final, os.path.join(old, "run"))
-        os.rename(self.path, self.final)
+        aside = os.path.join(old, "run")
+        try:
+            os.rename(self.final, aside)
+            os.rename(self.path, self.final)
+        except BaseException:  # Ctrl-C or an error between the two renames: put the old run back
+            if not os.path.lexists(self.final) and os.path.lexists(aside):
+                os.rename(aside, self.final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
         return self.final
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the staged folder (a no-op once published or when publishing was refused)."""
+        if not self.keep:
+            shutil.rmtree(self.path, ignore_errors=True)

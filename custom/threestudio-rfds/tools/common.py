@@ -1,15 +1,24 @@
-"""What the two tools share: model arguments, loading a backend and its prompt embeddings,
-the run record (settings + versions) and the loss curves."""
+"""What the two tools share: model arguments, the output folder, loading a backend and its
+prompt embeddings, the run record (settings + versions) and the loss curves.
+
+Exit statuses: 0 done, 1 the run failed (non-finite values, outputs not writable), 2 bad
+arguments or inputs (nothing was computed), 130 interrupted (Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import platform
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..atomic import StagedDir
+
 FAMILIES = ("sd3", "instaflow")
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def default_model(family: str) -> str:
@@ -34,9 +43,74 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 
 
 def check_model_args(args: argparse.Namespace) -> None:
+    from ..backends.base import DTYPES
+
     if args.model not in FAMILIES:
         raise ValueError(f"--model must be one of {list(FAMILIES)} (SD3/SD3.5 are 'sd3'), got {args.model!r}")
+    if args.dtype not in ("auto", *DTYPES):
+        raise ValueError(f"--dtype must be one of {['auto', *DTYPES]}, got {args.dtype!r}")
+    try:
+        dev = torch.device(args.device) if args.device != "auto" else None
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
+    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for CUDA but none is available (use --device cpu or auto)")
+    if dev is not None and dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if args.text_cache is not None and os.path.exists(args.text_cache) and not os.path.isdir(args.text_cache):
+        raise ValueError(f"--text-cache {args.text_cache!r} exists and is not a folder")
     args.pretrained = args.pretrained or default_model(args.model)
+
+
+def check_numbers(args: argparse.Namespace, *, positive=(), finite=(), at_least: Optional[Dict[str, int]] = None,
+                  fractions=()) -> None:
+    """One-line errors for numeric flags (argparse accepts nan/inf/negatives): names are the
+    argument names (``lr`` → ``--lr``); None values (unset) are skipped."""
+    flag = lambda n: "--" + n.replace("_", "-")  # noqa: E731
+    for n in positive:
+        v = getattr(args, n)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{flag(n)} must be a finite number > 0, got {v}")
+    for n in finite:
+        v = getattr(args, n)
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"{flag(n)} must be a finite number, got {v}")
+    for n in fractions:
+        v = getattr(args, n)
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"{flag(n)} must be a number in [0, 1], got {v}")
+    for n, low in (at_least or {}).items():
+        v = getattr(args, n)
+        if v is not None and v < low:
+            raise ValueError(f"{flag(n)} must be >= {low}, got {v}")
+
+
+def add_output_args(ap: argparse.ArgumentParser, default: str):
+    o = ap.add_argument_group("output")
+    o.add_argument("--out", default=None, help=f"output folder (default {default}); must not exist or be empty "
+                                                "unless --overwrite")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder of this tool as a whole (at the end of the run)")
+    o.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
+    return o
+
+
+def stage_output(args: argparse.Namespace, tool: str) -> StagedDir:
+    """Check --out before any work and open the hidden sibling folder the run is written into;
+    ``StagedDir.publish`` moves it into place at the end (docs/tools.md, "Guarantees")."""
+    def ours(path: str) -> bool:  # --overwrite only ever replaces a folder this tool wrote
+        try:
+            with open(os.path.join(path, "run.json")) as f:
+                return json.load(f).get("tool") == tool
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    try:
+        return StagedDir(args.out, replace=args.overwrite, replaceable=ours)
+    except FileExistsError as e:
+        raise ValueError(f"--out {e.args[0]}") from None
+    except OSError as e:
+        raise ValueError(f"--out {args.out!r}: cannot create the output folder ({e.strerror}: {e.filename})") from None
 
 
 def load_model(args: argparse.Namespace, time_convention: str = "model"):
@@ -85,20 +159,32 @@ def run_record(tool: str, args: argparse.Namespace, argv: Optional[Sequence[str]
             "versions": versions(), **extra}
 
 
+CURVE_LABELS = {"loss": "loss", "grad_norm": "gradient norm ‖g‖", "t_mean": "mean noise level t",
+                "noise_reg": "noise regulariser R(ε)"}
+
+
 def plot_curves(history: Dict[str, List[float]], path: str, title: str = "") -> str:
-    """One panel per series (e.g. loss, grad_norm) against the optimisation step (matplotlib Agg)."""
+    """One panel per series (e.g. loss, grad_norm) against the optimisation step (matplotlib Agg),
+    each with labelled axes and a grid; loss/gradient series spanning decades on a log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k, v in history.items() if k != "step" and v]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        ax.plot(history["step"], history[k], lw=1)
-        ax.set_xlabel("step")
-        ax.set_title(k)
-        if k in ("loss", "grad_norm") and all(v > 0 for v in history[k]):
+        ax.plot(history["step"], history[k], lw=1.2, marker="." if len(history[k]) < 30 else None)
+        label = CURVE_LABELS.get(k, k)
+        ax.set_xlabel("optimisation step", fontsize=10)
+        ax.set_ylabel(label, fontsize=10)
+        ax.set_title(label, fontsize=11)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=9)
+        v = [x for x in history[k] if math.isfinite(x)]
+        if k in ("loss", "grad_norm") and v and min(v) > 0 and max(v) / min(v) > 20:  # log only over decades
             ax.set_yscale("log")
     if title:
         fig.suptitle(title, fontsize=9)

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..atomic import write_json
+from ..checks import NonFiniteError
 from . import common, images
 
 FAMILY_DEFAULTS = {
@@ -61,8 +62,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--edit-rfds-guidance", type=float, default=7.5)
     ap.add_argument("--height", type=int, default=512)
     ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--out", default=None, help="output folder (default outputs/rfds-edit/<source>-to-<target>)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--nonfinite", default="error",
+                    help="NaN/inf in the model output: error (stop, save nothing) or zero (replace by 0, count)")
+    common.add_output_args(ap, "outputs/rfds-edit/<source>-to-<target>, prompts shortened to 24 characters")
     return ap
 
 
@@ -84,8 +86,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.edit_rfds_steps < 0:
         raise ValueError(f"--edit-rfds-steps must be >= 0, got {args.edit_rfds_steps}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    check_choice("--nonfinite", args.nonfinite, ("error", "zero"))
+    common.check_numbers(args, positive=("lr", "edit_rfds_lr"), at_least={"height": 1, "width": 1},
+                         finite=("inversion_guidance", "reg_weight", "sample_guidance", "edit_rfds_guidance"))
+    if args.reg_weight < 0:
+        raise ValueError(f"--reg-weight must be >= 0, got {args.reg_weight}")
     if args.out is None:
         from ..bench.suite import slugify
 
@@ -117,7 +122,7 @@ def invert(backend, x0, cond, uncond, args, gen) -> Dict[str, object]:
         for step in bar:
             out = irfds_loss(backend, x0, eps, cond, uncond=uncond, guidance_scale=args.inversion_guidance,
                              min_step_percent=args.min_step_percent, max_step_percent=args.max_step_percent,
-                             reg_weight=args.reg_weight, generator=gen)
+                             reg_weight=args.reg_weight, generator=gen, nonfinite=args.nonfinite)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
@@ -129,7 +134,7 @@ def invert(backend, x0, cond, uncond, args, gen) -> Dict[str, object]:
             t = backend.convention.sample_time(x0.shape[0], args.min_step_percent, args.max_step_percent,
                                                generator=gen).to(x0.device)
             new = irfds_update(backend, x0, eps, t, cond, step_size="auto",
-                               guidance_scale=args.inversion_guidance, uncond=uncond)
+                               guidance_scale=args.inversion_guidance, uncond=uncond, nonfinite=args.nonfinite)
             _log(history, step, float((new - eps).pow(2).mean()), float((new - eps).norm()),
                  float(noise_regulariser(new)), bar)
             eps = new
@@ -165,7 +170,7 @@ def refine_edit(backend, z, cond, uncond, args, gen) -> torch.Tensor:
     z = z.clone().requires_grad_(True)
     opt = torch.optim.AdamW([z], lr=args.edit_rfds_lr, weight_decay=0.0)
     for _ in range(args.edit_rfds_steps):
-        out = rfds(backend, z, cond, uncond, args.edit_rfds_guidance, generator=gen)
+        out = rfds(backend, z, cond, uncond, args.edit_rfds_guidance, generator=gen, nonfinite=args.nonfinite)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -200,34 +205,58 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             "timing_s": {"load": t1 - t0, "invert": t2 - t1, "sample_and_decode": t3 - t2}}
 
 
+def _say(msg: str, code: int) -> int:
+    print(f"rfds-edit: {msg}", file=sys.stderr)
+    return code
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         check_args(args)
+        stage = common.stage_output(args, "rfds-edit")  # --out checked before any work
+    except ValueError as e:
+        return _say(f"error: {e}", common.EXIT_USAGE)
+    try:
         res = run(args)
+        metrics = save_outputs(res, args, argv, stage.path)
+        stage.publish()
+    except NonFiniteError as e:
+        return _say(f"error: {e}; nothing saved ({args.out} unchanged)", common.EXIT_FAILED)
     except (ValueError, OSError) as e:
-        print(f"rfds-edit: error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
-    p = lambda name: os.path.join(args.out, name)  # noqa: E731
-    for k in ("source", "reconstruction", "edit"):
-        images.save_png(res[k], p(f"{k}.png"))
-    images.save_png(images.hstack([res["source"], res["reconstruction"], res["edit"]]), p("comparison.png"))
-    common.plot_curves(res["history"], p("curves.png"), title=f"iRFDS inversion: {args.source_prompt}")
-    metrics = {"psnr_reconstruction_db": images.psnr(res["source"], res["reconstruction"]),
-               "psnr_vae_roundtrip_db": images.psnr(res["source"], res["vae_only"]),
-               "final_inversion_loss": res["history"]["loss"][-1], "eps_mean": res["eps_mean"], "eps_std": res["eps_std"]}
-    record = common.run_record(
-        "rfds-edit", args, argv, metrics=metrics, notes=res["notes"], timing_s=res["timing_s"],
-        outputs=["source.png", "reconstruction.png", "edit.png", "comparison.png", "curves.png"],
-        psnr_definition="10·log10(1 / mean((source − reconstruction)²)) on float64 images in [0, 1]",
-        peak_cuda_mem_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
-    write_json(p("run.json"), record)
+        return _say(f"error: {e}", common.EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _say(f"interrupted; nothing saved ({args.out} unchanged)", common.EXIT_INTERRUPTED)
+    finally:
+        stage.discard()  # whatever was not published
     for n in res["notes"]:
         print(f"rfds-edit: note: {n}")
     print(f"rfds-edit: reconstruction PSNR {metrics['psnr_reconstruction_db']:.2f} dB "
           f"(VAE round trip {metrics['psnr_vae_roundtrip_db']:.2f} dB); outputs in {args.out}")
     return 0
+
+
+def save_outputs(res: Dict[str, object], args: argparse.Namespace, argv, folder: str) -> Dict[str, float]:
+    """The images, the titled comparison, the curves and run.json in ``folder``; returns the metrics."""
+    p = lambda name: os.path.join(folder, name)  # noqa: E731
+    metrics = {"psnr_reconstruction_db": images.psnr(res["source"], res["reconstruction"]),
+               "psnr_vae_roundtrip_db": images.psnr(res["source"], res["vae_only"]),
+               "final_inversion_loss": res["history"]["loss"][-1], "eps_mean": res["eps_mean"], "eps_std": res["eps_std"]}
+    for k in ("source", "reconstruction", "edit"):
+        images.save_png(res[k], p(f"{k}.png"))
+    titles = [f"source: {args.source_prompt}",
+              f"reconstruction\nPSNR {metrics['psnr_reconstruction_db']:.2f} dB",
+              f"edit: {args.target_prompt}"]
+    panels = [images.upscale(res[k], 192) for k in ("source", "reconstruction", "edit")]
+    images.save_png(images.hstack(images.titled(panels, titles), pad=6), p("comparison.png"))
+    common.plot_curves(res["history"], p("curves.png"), title=f"iRFDS inversion: {args.source_prompt}")
+    record = common.run_record(
+        "rfds-edit", args, argv, status="complete", metrics=metrics, notes=res["notes"], timing_s=res["timing_s"],
+        outputs=["source.png", "reconstruction.png", "edit.png", "comparison.png", "curves.png"],
+        psnr_definition="10·log10(1 / mean((source − reconstruction)²)) on float64 images in [0, 1]",
+        peak_cuda_mem_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
+    write_json(p("run.json"), record)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -142,6 +142,65 @@ def grid(images: Sequence[np.ndarray], ncols: Optional[int] = None, pad: int = 2
     return out
 
 
+def upscale(arr: np.ndarray, min_side: int = 128) -> np.ndarray:
+    """Nearest-neighbour enlargement by an integer factor until the short side is >= ``min_side``
+    (so that small images and their labels stay readable); larger images are returned as is."""
+    k = math.ceil(min_side / min(arr.shape[:2]))
+    return arr if k <= 1 else np.repeat(np.repeat(arr, k, axis=0), k, axis=1)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int) -> List[str]:
+    """Greedy word wrap to ``width`` pixels; words longer than a line are cut."""
+    lines: List[str] = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            cand = f"{line} {word}".strip()
+            if font.getlength(cand) <= width or not line:
+                line = cand
+            else:
+                lines.append(line)
+                line = word
+            while font.getlength(line) > width and len(line) > 1:
+                cut = len(line) - 1
+                while cut > 1 and font.getlength(line[:cut]) > width:
+                    cut -= 1
+                lines.append(line[:cut])
+                line = line[cut:]
+        lines.append(line)
+    return lines
+
+
+def titled(panels: Sequence[np.ndarray], titles: Sequence[str]) -> List[np.ndarray]:
+    """Each panel with its title (wrapped to the panel's width) in a white band above it; the
+    bands share one height, so the results can be put side by side with :func:`hstack`."""
+    from PIL import ImageDraw
+
+    w_min = min(p.shape[1] for p in panels)
+    font = _font(max(11, min(28, w_min // 14)))
+    ascent, descent = font.getmetrics()
+    line_h, margin = ascent + descent + 2, 4
+    wrapped = [_wrap(t, font, p.shape[1] - 2 * margin) for p, t in zip(panels, titles)]
+    band_h = max(len(w) for w in wrapped) * line_h + 2 * margin
+    out = []
+    for p, lines in zip(panels, wrapped):
+        band = Image.new("RGB", (p.shape[1], band_h), "white")
+        draw = ImageDraw.Draw(band)
+        for i, line in enumerate(lines):
+            draw.text((margin, margin + i * line_h), line, fill="black", font=font)
+        out.append(np.concatenate([np.asarray(band, dtype=np.float32) / 255.0, p.astype(np.float32)], axis=0))
+    return out
+
+
 def save_gif(frames: Sequence[np.ndarray], path: str, duration_ms: int = 200) -> str:
     """Animated GIF of H×W×3 float frames (loops forever)."""
     if not frames:

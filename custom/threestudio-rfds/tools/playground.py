@@ -7,8 +7,12 @@ batch of particles and minimises the RFDS loss, whose gradient wrt z is
 g = w(t)·(v̂_cfg(z_t, t) − (ε − z)) (rfds.py), with AdamW.  RFDS-Rev first refines ε by iRFDS.
 
 Outputs in --out: ``final_<i>.png``, ``final_grid.png``, ``progress.gif`` and
-``progress_grid.png`` (rows = saved steps), ``curves.png`` (loss, grad-norm), ``history.json``
-and ``run.json`` (every setting, the command line and library versions).
+``progress_grid.png`` (rows = saved steps, labelled), ``curves.png`` (loss, grad-norm),
+``history.json`` and ``run.json`` (every setting, the command line, library versions and the
+run's ``status``).  The folder is written beside --out and moved into place at the end: --out
+holds one whole run or stays as it was.  Ctrl-C during the optimisation saves the steps done so
+far as a run with status "interrupted" (exit 130); a non-finite step saves them with status
+"failed" (exit 1).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..atomic import write_json
+from ..checks import NonFiniteError
 from . import common, images
 
 DEFAULTS = {  # the reference 2D scripts' settings per model family
@@ -48,36 +53,38 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--weighting", default="none", help="none, sigmoid or sds (rfds.rfds_weighting)")
     g.add_argument("--n-inner", type=int, default=1, help="RFDS-Rev: iRFDS refinements of the noise")
     g.add_argument("--grad-clip", type=float, default=None)
+    g.add_argument("--nonfinite", default="error",
+                   help="NaN/inf in the model output: error (stop, save the steps done) or zero (replace by 0, count)")
     g.add_argument("--time-convention", default="model", help="model or reference (flow.py)")
     g.add_argument("--height", type=int, default=512)
     g.add_argument("--width", type=int, default=512)
-    o = ap.add_argument_group("output")
-    o.add_argument("--out", default=None, help="output folder (default outputs/rfds-2d/<prompt>-<algorithm>)")
+    o = common.add_output_args(ap, "outputs/rfds-2d/<prompt>-<algorithm>-<space>, e.g. "
+                                   "outputs/rfds-2d/a_dslr_photo_of_a_hamburger-rfds-latent")
     o.add_argument("--save-every", type=int, default=None, help="steps between progress frames (default steps/10)")
-    o.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     return ap
 
 
 def check_args(args: argparse.Namespace) -> None:
     from ..checks import check_choice
-    from ..rfds import ALGORITHMS, WEIGHTINGS
+    from ..rfds import ALGORITHMS, NONFINITE, WEIGHTINGS
 
     common.check_model_args(args)
     check_choice("--algorithm", args.algorithm, ALGORITHMS)
     check_choice("--space", args.space, ("latent", "rgb"))
     check_choice("--weighting", args.weighting, WEIGHTINGS)
     check_choice("--time-convention", args.time_convention, ("model", "reference"))
-    for name in ("particles", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    args.batch_size = args.batch_size or args.particles
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_choice("--nonfinite", args.nonfinite, NONFINITE)
+    common.check_numbers(args, positive=("lr", "grad_clip"), finite=("guidance_scale",),
+                         fractions=("min_step_percent", "max_step_percent"),
+                         at_least={"particles": 1, "steps": 1, "batch_size": 1, "save_every": 1, "n_inner": 0,
+                                   "height": 1, "width": 1})
+    if args.min_step_percent > args.max_step_percent:
+        raise ValueError(f"--min-step-percent ({args.min_step_percent}) must be <= --max-step-percent "
+                         f"({args.max_step_percent})")
+    args.batch_size = args.particles if args.batch_size is None else args.batch_size
     d = DEFAULTS[args.model]
     args.lr = d["lr"] if args.lr is None else args.lr
     args.guidance_scale = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
     args.save_every = args.save_every or max(1, args.steps // 10)
     if args.out is None:
         from ..bench.suite import slugify
@@ -102,7 +109,9 @@ def to_images(backend, params: torch.Tensor, space: str) -> List:
 
 
 def optimise(backend, cond, uncond, args, log=None) -> Dict[str, object]:
-    """The optimisation loop; returns {"params", "history", "frames": [(step, [images])]}."""
+    """The optimisation loop; returns {"params", "history", "frames": [(step, [images])], "status",
+    "completed_steps", "error"}.  Ctrl-C (status "interrupted") or a non-finite step (status
+    "failed") ends it early with the steps completed so far; the last frame is the state then."""
     from tqdm.auto import tqdm
 
     from ..rfds import rfds, rfds_rev
@@ -113,70 +122,123 @@ def optimise(backend, cond, uncond, args, log=None) -> Dict[str, object]:
     history: Dict[str, List[float]] = {"step": [], "loss": [], "grad_norm": [], "t_mean": []}
     frames = [(0, to_images(backend, params.detach(), args.space))]
     kw = dict(min_step_percent=args.min_step_percent, max_step_percent=args.max_step_percent,
-              weighting=args.weighting, grad_clip=args.grad_clip, generator=gen)
+              weighting=args.weighting, grad_clip=args.grad_clip, generator=gen, nonfinite=args.nonfinite)
     if args.algorithm == "rfds-rev":
         kw["n_inner"] = args.n_inner
     fn = rfds_rev if args.algorithm == "rfds-rev" else rfds
     bar = tqdm(range(1, args.steps + 1), desc=f"{args.algorithm} ({args.space})", disable=args.no_progress,
                dynamic_ncols=True)
-    for step in bar:
-        if args.batch_size == args.particles:
-            x = params
-        else:
-            x = params[torch.randint(0, args.particles, (args.batch_size,), generator=gen).to(params.device)]
-        z = x if args.space == "latent" else backend.encode(x)
-        out = fn(backend, z, cond, uncond, args.guidance_scale, **kw)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        if args.space == "rgb":
-            with torch.no_grad():
-                params.clamp_(0.0, 1.0)
-        logs = {k: float(v) for k, v in out.logs().items()}
-        history["step"].append(step)
-        for k in ("loss", "grad_norm", "t_mean"):
-            history[k].append(logs[k])
-        bar.set_postfix(loss=f"{logs['loss']:.4g}", grad=f"{logs['grad_norm']:.3g}")
-        if step % args.save_every == 0 or step == args.steps:
-            frames.append((step, to_images(backend, params.detach(), args.space)))
-    return {"params": params.detach(), "history": history, "frames": frames}
+    status, error, done = "complete", None, 0
+    try:
+        for step in bar:
+            if args.batch_size == args.particles:
+                x = params
+            else:
+                x = params[torch.randint(0, args.particles, (args.batch_size,), generator=gen).to(params.device)]
+            z = x if args.space == "latent" else backend.encode(x)
+            out = fn(backend, z, cond, uncond, args.guidance_scale, **kw)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            if args.space == "rgb":
+                with torch.no_grad():
+                    params.clamp_(0.0, 1.0)
+            logs = {k: float(v) for k, v in out.logs().items()}
+            history["step"].append(step)
+            for k in ("loss", "grad_norm", "t_mean"):
+                history[k].append(logs[k])
+            done = step
+            bar.set_postfix(loss=f"{logs['loss']:.4g}", grad=f"{logs['grad_norm']:.3g}")
+            if step % args.save_every == 0 or step == args.steps:
+                frames.append((step, to_images(backend, params.detach(), args.space)))
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except NonFiniteError as e:
+        status, error = "failed", f"step {done + 1}: {e}"
+    finally:
+        bar.close()
+    history = {k: v[:done] for k, v in history.items()}  # an interrupted step may have logged part of its record
+    if status != "complete" and done and frames[-1][0] != done:
+        frames.append((done, to_images(backend, params.detach(), args.space)))
+    return {"params": params.detach(), "history": history, "frames": frames, "status": status,
+            "completed_steps": done, "error": error}
 
 
-def save_outputs(res: Dict[str, object], args) -> Dict[str, object]:
-    os.makedirs(args.out, exist_ok=True)
+def save_outputs(res: Dict[str, object], args, folder: str) -> Dict[str, object]:
+    """Images, history and curves of ``res`` in ``folder`` (the staged output folder)."""
+    p = lambda name: os.path.join(folder, name)  # noqa: E731
     step, final = res["frames"][-1]
-    files = [images.save_png(im, os.path.join(args.out, f"final_{i}.png")) for i, im in enumerate(final)]
-    files.append(images.save_png(images.grid(final), os.path.join(args.out, "final_grid.png")))
-    rows = [images.hstack(ims, pad=2) for _, ims in res["frames"]]
-    files.append(images.save_png(images.grid(rows, ncols=1), os.path.join(args.out, "progress_grid.png")))
-    files.append(images.save_gif([images.grid(ims) for _, ims in res["frames"]], os.path.join(args.out, "progress.gif")))
-    files.append(write_json(os.path.join(args.out, "history.json"), res["history"]))  # the data before its plot
-    files.append(common.plot_curves(res["history"], os.path.join(args.out, "curves.png"),
-                                    title=f"{args.algorithm} / {args.model} / {args.space}: {args.prompt}"))
+    files = [images.save_png(im, p(f"final_{i}.png")) for i, im in enumerate(final)]
+    files.append(images.save_png(images.grid(final), p("final_grid.png")))
+    rows = [images.titled([images.hstack([images.upscale(im) for im in ims], pad=2)], [f"step {s}"])[0]
+            for s, ims in res["frames"]]
+    files.append(images.save_png(images.grid(rows, ncols=1, pad=6), p("progress_grid.png")))
+    gif = [images.titled([images.upscale(images.grid(ims))], [f"step {s}"])[0] for s, ims in res["frames"]]
+    files.append(images.save_gif(gif, p("progress.gif")))
+    files.append(write_json(p("history.json"), res["history"]))  # the data before its plot
+    status = "" if res["status"] == "complete" else f" ({res['status']} after step {res['completed_steps']})"
+    files.append(common.plot_curves(res["history"], p("curves.png"),
+                                    title=f"{args.algorithm} / {args.model} / {args.space}: {args.prompt}{status}"))
     return {"files": [os.path.basename(f) for f in files], "frame_steps": [s for s, _ in res["frames"]]}
+
+
+def _say(msg: str, code: int) -> int:
+    print(f"rfds-2d: {msg}", file=sys.stderr)
+    return code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         check_args(args)
-        t0 = time.time()
+        stage = common.stage_output(args, "rfds-2d")  # --out checked before any work
+    except ValueError as e:
+        return _say(f"error: {e}", common.EXIT_USAGE)
+    try:
+        return _run(args, argv, stage)
+    finally:
+        stage.discard()  # whatever was not published
+
+
+def _run(args, argv, stage) -> int:
+    t0 = time.time()
+    try:
         backend = common.load_model(args, args.time_convention)
         common.check_size(backend, args.height, args.width)
         cond, uncond = common.encode_pair(args, backend, args.prompt, args.negative_prompt)
         t1 = time.time()
+        print(f"rfds-2d: optimising {args.steps} steps (Ctrl-C stops and saves the steps done)", file=sys.stderr,
+              flush=True)
         res = optimise(backend, cond, uncond, args)
-        t2 = time.time()
     except (ValueError, OSError) as e:
-        print(f"rfds-2d: error: {e}", file=sys.stderr)
-        return 2
-    saved = save_outputs(res, args)
+        return _say(f"error: {e}", common.EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _say(f"interrupted; nothing saved ({args.out} unchanged)", common.EXIT_INTERRUPTED)
+    t2 = time.time()
+    done, status = res["completed_steps"], res["status"]
+    code = {"complete": 0, "interrupted": common.EXIT_INTERRUPTED, "failed": common.EXIT_FAILED}[status]
+    if res["error"]:
+        _say(f"error: {res['error']}", code)
+    if done == 0:
+        return _say(f"no step completed; nothing saved ({args.out} unchanged)", code)
     h = res["history"]
-    record = common.run_record("rfds-2d", args, argv, outputs=saved["files"], frame_steps=saved["frame_steps"],
-                               final={"loss": h["loss"][-1], "grad_norm": h["grad_norm"][-1]},
-                               timing_s={"load": t1 - t0, "optimise": t2 - t1, "per_step": (t2 - t1) / args.steps},
-                               peak_cuda_mem_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
-    write_json(os.path.join(args.out, "run.json"), record)
+    try:
+        saved = save_outputs(res, args, stage.path)
+        record = common.run_record(
+            "rfds-2d", args, argv, status=status, completed_steps=done, error=res["error"], outputs=saved["files"],
+            frame_steps=saved["frame_steps"], final={"loss": h["loss"][-1], "grad_norm": h["grad_norm"][-1]},
+            timing_s={"load": t1 - t0, "optimise": t2 - t1, "per_step": (t2 - t1) / done},
+            peak_cuda_mem_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
+        write_json(os.path.join(stage.path, "run.json"), record)
+        stage.publish()
+    except KeyboardInterrupt:
+        return _say(f"interrupted while writing the outputs; nothing saved ({args.out} unchanged)",
+                    common.EXIT_INTERRUPTED)
+    except OSError as e:
+        return _say(f"error: cannot write the outputs ({e}); {args.out} unchanged", common.EXIT_FAILED)
+    if status != "complete":
+        return _say(f"{status} after step {done} of {args.steps}; the steps done are saved in {args.out} "
+                    f"(run.json status {status!r})", code)
     print(f"rfds-2d: {args.steps} steps in {t2 - t1:.1f}s ({(t2 - t1) / args.steps * 1000:.0f} ms/step); "
           f"final loss {h['loss'][-1]:.4g}; outputs in {args.out}")
     return 0
