@@ -10,6 +10,7 @@ from PIL import Image
 
 from bench_fakes import make_fake_threestudio, write_suite
 from threestudio_rfds.bench.cli import main as bench_main
+from threestudio_rfds.bench.ledger import Ledger
 from threestudio_rfds.bench.runner import run_suite
 from threestudio_rfds.bench.score import Preprocessor, load_render, pick_views
 from threestudio_rfds.bench.suite import load_suite
@@ -120,3 +121,59 @@ def test_missing_clip_model_error(results, capsys):
     assert bench_main(["score", results, "--clip-model", "/nonexistent/clip", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rfds-bench: error: cannot load CLIP model '/nonexistent/clip'") and err.count("\n") == 1
+
+
+def test_score_a_moved_copy_with_a_truncated_render(results, tiny_clip, tmp_path, capsys):
+    """Ledger and scores.json paths are relative to the results folder: a copy scores its own files, also
+    after it is moved; an unreadable render is skipped with a message and the other views are scored."""
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(results, copy)
+    moved = str(tmp_path / "moved")
+    os.rename(copy, moved)
+    state = {k: v for k, v in Ledger(os.path.join(moved, "ledger.jsonl")).state().items() if v["status"] == "done"}
+    rid, rec = sorted(state.items())[0]
+    bad = os.path.join(moved, rec["renders_dir"], rec["renders"][1])
+    with open(bad, "r+b") as f:
+        f.truncate(40)  # a render cut off mid-write
+    assert bench_main(["score", moved, "--clip-model", tiny_clip, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"{rid}: skipping 1 unreadable render(s) of 4" in out
+    with open(os.path.join(moved, "scores.json")) as f:
+        runs = json.load(f)["runs"]
+    assert len(runs) == 4 and runs[rid]["n_views"] == 3 and runs[rid]["n_unreadable"] == 1
+    assert all(not os.path.isabs(v["file"]) and os.path.exists(os.path.join(moved, v["file"]))
+               for r in runs.values() for v in r["views"])
+
+
+def test_legacy_absolute_paths_are_rerooted(tmp_path):
+    from threestudio_rfds.bench.paths import local_path
+
+    out = str(tmp_path / "new")
+    assert local_path(out, "/old/place/runs/fake/tag-s0/save/it10-test") == os.path.join(out, "runs/fake/tag-s0/save/it10-test")
+    assert local_path(out, "/old/place/logs/fake/tag-s0.log") == os.path.join(out, "logs/fake/tag-s0.log")
+    assert local_path(out, "runs/fake/t") == os.path.join(out, "runs/fake/t")
+
+
+def test_report_gpu_utilisation_and_minutes():
+    from threestudio_rfds.bench.report import fmt_minutes, gpu_usage
+
+    a = [{"gpu": "gpu0", "session": "s1", "start": 0, "end": 60, "status": "done"},
+         {"gpu": "gpu0", "session": "s1", "start": 60, "end": 100, "status": "failed"},
+         {"gpu": "gpu1", "session": "s1", "start": 0, "end": 30, "status": "done"},
+         {"gpu": "gpu1", "session": "s2", "start": 1000, "end": 1010, "status": "done"}]
+    g0, g1 = gpu_usage(a)
+    assert (g0["runs"], g0["done"], g0["busy_s"], g0["idle_s"]) == (2, 1, 100, 0)
+    assert (g1["runs"], g1["busy_s"], g1["idle_s"]) == (2, 40, 70)  # idle while session s1 ran; s2 fully busy
+    assert abs(g1["utilisation"] - 40 / 110) < 1e-9
+    assert [fmt_minutes(s) for s in (0.8, 15, 150, 1500, None)] == ["0.013", "0.25", "2.5", "25.0", "–"]
+
+
+def test_report_names_points_and_gpus(results, tiny_clip):
+    if not os.path.exists(os.path.join(results, "scores.json")):
+        bench_main(["score", results, "--clip-model", tiny_clip, "--device", "cpu"])
+    assert bench_main(["report", results]) == 0
+    md = open(os.path.join(results, "report.md")).read()
+    assert "| 1 | a hamburger | fake | 2 |" in md and "## GPU utilisation" in md and "| gpu0 | 6 | 4 |" in md
+    assert os.path.exists(os.path.join(results, "plots", "gpu_timeline.png"))

@@ -110,8 +110,6 @@ def _run(args: argparse.Namespace) -> int:
     extra = _check_overrides("--override", args.override)
     out = args.out or f"bench-out/{suite.name}"
     options = _slurm_options(args) if args.executor == "slurm" else None
-    if options:
-        options["sbatch"] = {**suite.slurm.get("sbatch", {}), **options.get("sbatch", {})}
     counts = run_suite(suite, args.threestudio, out, python=args.python, gpu=args.gpu, gpus=args.gpus,
                        dry_run=args.dry_run, retry_failed=args.retry_failed, timeout=args.timeout,
                        extra_overrides=extra, executor=args.executor, executor_options=options,
@@ -135,9 +133,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{len(failed)} failed run(s) (rerun with --retry-failed; full log tails in ledger.jsonl):")
         for rid, rec in failed:
             print(f"  {rid}: {rec.get('error')}")
-    if unfinished and not counts.get("running_elsewhere"):
-        print(f"{len(unfinished)} run(s) not finished: {', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''}")
-    return 1 if failed or unfinished else 0
+    if unfinished:
+        print(f"{len(unfinished)} run(s) not finished here (see `rfds-bench status {out}`): "
+              f"{', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''}")
+    return 1 if failed else 0
 
 
 def _score(args: argparse.Namespace) -> int:

@@ -200,7 +200,7 @@ def plots(data: Dict[str, object], plot_dir: str) -> List[str]:
         timed = [r for r in done if r["wall_time_s"] is not None]
         in_seconds = bool(timed) and max(r["wall_time_s"] for r in timed) < 120
         scale, unit = (1.0, "s") if in_seconds else (60.0, "min")
-        fig, (ax, key) = plt.subplots(1, 2, figsize=(10, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+        fig, (ax, key) = plt.subplots(1, 2, figsize=(10, 4.8), gridspec_kw={"width_ratios": [3, 1.6]})
         markers = "osD^vP*X"
         for i, c in enumerate(configs):
             rs = [r for r in timed if r["config"] == c]

@@ -167,7 +167,9 @@ def run_suite(
         slots = parse_gpus(gpus) if gpus else [Slot(f"gpu{gpu}", {}, gpu)]
         ex: Executor = LocalExecutor(slots, progress_every=progress_every)
     else:
-        ex = EXECUTORS[executor](**{**suite.slurm, **(executor_options or {})})
+        opts = {**suite.slurm, **(executor_options or {})}  # the command line wins over the suite
+        opts["sbatch"] = {**suite.slurm.get("sbatch", {}), **(executor_options or {}).get("sbatch", {})}
+        ex = EXECUTORS[executor](**opts)
         slots = [Slot("task", {}, "0")]
     runs = suite.runs()
     cmds = {r.run_id: build_command(r, suite, out_dir, threestudio, python, slots[0].launch_gpu, extra_overrides)

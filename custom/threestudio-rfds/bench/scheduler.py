@@ -21,6 +21,8 @@ from .owner import STALE_AFTER, Heartbeat, Owner, me, owner_alive
 from .suite import Run, Suite
 
 POLL_S = 0.1
+# why a run is cut off when the loop is left by an exception that says nothing (submitit's requeue exit)
+INTERRUPT_REASON: Dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ def execute(runs: List[Run], spec: RunSpec, slots: List[Slot], *, log: Callable[
     except BaseException as e:
         cut = active + ([pending] if pending is not None and pending not in active else [])
         procs.stop_all([a.proc for a in cut if a.proc is not None], spec.grace)
-        reason = e.args[0] if isinstance(e, procs.Interrupted) else type(e).__name__
+        reason = e.args[0] if isinstance(e, procs.Interrupted) else INTERRUPT_REASON.get("why", type(e).__name__)
         for a in cut:
             a.info.pop("log_abs", None)
             wall = time.monotonic() - a.t0 if a.t0 else 0.0

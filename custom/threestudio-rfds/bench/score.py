@@ -106,7 +106,9 @@ def _quiet_hub():
 
     old_t, hub = tlog.get_verbosity(), logging.getLogger("huggingface_hub")
     old_h = hub.level
+    bars = tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
     hub.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
@@ -114,6 +116,8 @@ def _quiet_hub():
             yield
     finally:
         tlog.set_verbosity(old_t)
+        if bars:
+            tlog.enable_progress_bar()
         hub.setLevel(old_h)
 
 
@@ -122,6 +126,9 @@ class ClipScorer:
         from transformers import AutoTokenizer, CLIPModel
 
         self.device = resolve_device(device)
+        if model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
+            raise OSError(f"cannot load CLIP model {model!r}: no such folder; pass --clip-model with a local "
+                          f"folder or a hub id such as {DEFAULT_CLIP}")
         try:
             with _quiet_hub():
                 self.model = CLIPModel.from_pretrained(model).to(self.device).eval()

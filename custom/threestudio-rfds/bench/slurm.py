@@ -99,6 +99,13 @@ class BenchTask(_Checkpointable):
     def __call__(self, run_id: str) -> str:
         return run_task(self.spec, run_id, self.gpus_per_task)
 
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Called by submitit on preemption / time-out, just before it requeues the task and exits."""
+        from . import scheduler
+
+        scheduler.INTERRUPT_REASON["why"] = "preempted or timed out; requeued by submitit"
+        return super().checkpoint(*args, **kwargs)
+
 
 def _import_submitit():
     try:
@@ -162,8 +169,11 @@ class SubmititExecutor:
         if not todo:
             return counts
         folder = os.path.join(spec.out_dir, "slurm", "%j")
-        ex = submitit.AutoExecutor(folder=folder, cluster=self.options.cluster,
-                                   slurm_max_num_timeout=self.options.max_requeues)
+        try:
+            ex = submitit.AutoExecutor(folder=folder, cluster=self.options.cluster,
+                                       slurm_max_num_timeout=self.options.max_requeues)
+        except RuntimeError as e:  # e.g. no srun on this machine
+            raise SuiteError(f"--executor slurm: {e} (--slurm-cluster local runs the array here)") from None
         ex.update_parameters(**self.options.executor_parameters(f"rfds-bench-{spec.suite.name}"))
         ids = [r.run_id for r in todo]
         jobs = ex.map_array(BenchTask(spec, self.options.gpus_per_task), ids)
