@@ -137,7 +137,7 @@ class ClipScorer:
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise OSError(
                 f"cannot load CLIP model {model!r} ({first[:200]}); pass --clip-model with a local folder, "
-                f"or download it first with `huggingface-cli download {model}`"
+                f"or download it first with `hf download {model}`"
             ) from None
         self.preprocess = Preprocessor.from_pretrained(model, self.model.config.vision_config.image_size)
         self.batch_size = batch_size
