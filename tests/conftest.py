@@ -8,6 +8,18 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_merge_cache(tmp_path_factory):
+    """Merged InstaFlow UNets (backends/instaflow.py merge_cache) go to a session folder, never ~/.cache."""
+    old = os.environ.get("RFDS_CACHE_DIR")
+    os.environ["RFDS_CACHE_DIR"] = str(tmp_path_factory.mktemp("rfds-cache"))
+    yield os.environ["RFDS_CACHE_DIR"]
+    if old is None:
+        os.environ.pop("RFDS_CACHE_DIR", None)
+    else:
+        os.environ["RFDS_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory) -> str:
     from tiny_sd3 import build_tiny_sd3
@@ -20,6 +32,13 @@ def tiny_instaflow_path(tmp_path_factory) -> str:
     from tiny_instaflow import build_tiny_instaflow
 
     return build_tiny_instaflow(str(tmp_path_factory.mktemp("tiny-instaflow")))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory) -> str:
+    from tiny_clip import build_tiny_clip
+
+    return build_tiny_clip(str(tmp_path_factory.mktemp("tiny-clip")))
 
 
 @pytest.fixture(scope="module")

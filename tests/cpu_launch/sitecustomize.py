@@ -1,0 +1,93 @@
+"""Test-only CPU shim for threestudio's unchanged ``launch.py`` (tests/test_threestudio_e2e.py).
+
+Python imports ``sitecustomize`` at start-up from the first folder on ``sys.path`` that has one;
+the end-to-end tests put this folder on ``PYTHONPATH`` of the ``python launch.py …`` subprocess
+(and so of threestudio's spawned prompt child and of ``rfds-bench run``'s children).  Nothing in
+the package imports it.  It only bends what threestudio hard-codes for CUDA:
+
+* Lightning's ``Trainer(accelerator="gpu", devices=-1)`` (launch.py) → ``accelerator="cpu", devices=1``;
+* ``threestudio.utils.misc.get_device()`` (always ``cuda:<rank>``, imported by name in many
+  modules) → ``cpu``, by swapping the one function object's code so every binding answers cpu;
+* nerfacc's CUDA kernels → the pure-torch stand-in ``tests/nerfacc_torch.py``;
+* tinycudann / nvdiffrast → the import-only placeholders in ``tests/placeholders`` (appended to
+  ``sys.path``, so real installations win).
+
+``RFDS_TEST_FORBID_TRANSFORMERS=1`` makes every ``transformers`` model load raise: a test that a
+run reuses cached prompt embeddings without loading any text encoder.
+"""
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.join(_TESTS, "placeholders"))
+
+
+def _cpu_trainer(module) -> None:
+    init = module.Trainer.__init__
+
+    def __init__(self, *args, **kwargs):
+        kwargs["accelerator"], kwargs["devices"] = "cpu", 1
+        init(self, *args, **kwargs)
+
+    module.Trainer.__init__ = __init__
+
+
+def _cpu_get_device(module) -> None:
+    def get_device():
+        return torch.device("cpu")  # noqa: F821 — resolved in threestudio.utils.misc's globals
+
+    module.get_device.__code__ = get_device.__code__
+
+
+def _nerfacc_torch(_module) -> None:
+    sys.path.append(_TESTS)
+    import nerfacc_torch
+
+    nerfacc_torch.install()
+
+
+def _forbid_transformers(module) -> None:
+    def refuse(cls, *args, **kwargs):
+        raise RuntimeError(f"RFDS_TEST_FORBID_TRANSFORMERS: {cls.__name__}.from_pretrained was called")
+
+    module.PreTrainedModel.from_pretrained = classmethod(refuse)
+
+
+PATCHES = {
+    "pytorch_lightning.trainer.trainer": _cpu_trainer,
+    "threestudio.utils.misc": _cpu_get_device,
+    "nerfacc": _nerfacc_torch,
+}
+if os.environ.get("RFDS_TEST_FORBID_TRANSFORMERS") == "1":
+    PATCHES["transformers.modeling_utils"] = _forbid_transformers
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Executes the module with its own loader, then applies its patch."""
+
+    def __init__(self, loader, patch):
+        self.loader, self.patch = loader, patch
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        self.patch(module)
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``PATCHES[name](module)`` right after module ``name`` has been executed."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in PATCHES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PatchingLoader(spec.loader, PATCHES[name])
+        return spec
+
+
+sys.meta_path.insert(0, _PatchAfterImport())
