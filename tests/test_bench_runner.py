@@ -35,7 +35,8 @@ def test_run_records_failures_and_resumes(fake, tmp_path):
     suite = load_suite(write_suite(str(tmp_path / "s.yaml"), ["a hamburger", "FAIL here", TRICKY], seeds=[0, 1],
                                    overrides=["trainer.max_steps=6"]))
     counts = run_suite(suite, ts, out, log=lambda s: None)
-    assert counts == {"planned": 6, "done": 4, "failed": 2, "skipped": 0, "failed_earlier": 0, "running_elsewhere": 0}
+    assert counts == {"planned": 6, "done": 4, "failed": 2, "interrupted": 0, "skipped": 0, "failed_earlier": 0,
+                      "running_elsewhere": 0}
     c = calls(ts)
     assert len(c) == 6
     assert {x["cwd"] for x in c} == {os.path.abspath(ts)} and all(x["train"] and x["gpu"] == "0" for x in c)

@@ -3,7 +3,6 @@ resumed, two runners sharing a results folder, the ledger under concurrent write
 timeouts and one-line errors.  threestudio's launch.py is the test double of bench_fakes.py; with
 $FAKE_STEP_S it sleeps per step and prints a progress bar, and records every launch's pid and the
 pids of any live earlier launch of the same run ("live_twins", which must stay empty)."""
-import json
 import multiprocessing
 import os
 import signal
@@ -256,3 +255,25 @@ def test_suite_paths_and_encoding(tmp_path, monkeypatch, capsys):
     assert bench_main(["validate", str(tmp_path / "latin1.yaml")]) == 2
     err = capsys.readouterr().err
     assert "not UTF-8 text (byte 0xe9 on line 3)" in err and err.count("\n") == 1
+
+
+def test_child_stopped_from_outside_is_interrupted_not_failed(fake, tmp_path):
+    """SLURM's SIGTERM at preemption reaches the launch directly: that run is rerun later, not kept failed."""
+    import threading
+
+    ts, out = fake
+    suite = load_suite(write_suite(str(tmp_path / "s.yaml"), ["SLOW one", "two"]))
+    open(os.path.join(ts, "slow-flag"), "w").close()
+
+    def term_child():
+        _wait_for(lambda: os.path.exists(os.path.join(ts, "sleeping")))
+        os.kill(calls(ts)[0]["pid"], signal.SIGTERM)
+
+    t = threading.Thread(target=term_child)
+    t.start()
+    counts = run_suite(suite, ts, out, log=lambda s: None)
+    t.join()
+    assert (counts["interrupted"], counts["done"], counts["failed"]) == (1, 1, 0)
+    (cut,) = [r for r in Ledger(os.path.join(out, "ledger.jsonl")).state().values() if r["prompt"] == "SLOW one"]
+    assert cut["status"] == "interrupted" and cut["reason"] == "stopped by SIGTERM from outside the runner"
+    assert run_suite(suite, ts, out, log=lambda s: None)["done"] == 1  # rerun once

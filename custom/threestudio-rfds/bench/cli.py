@@ -125,7 +125,8 @@ def _run(args: argparse.Namespace) -> int:
     ids = [r.run_id for r in suite.runs()]
     failed = [(rid, state[rid]) for rid in ids if state.get(rid, {}).get("status") == "failed"]
     unfinished = [rid for rid in ids if state.get(rid, {}).get("status") != "done" and state.get(rid, {}).get("status") != "failed"]
-    print(f"{suite.name}: {counts['done']} done, {counts['failed']} failed in this run; "
+    print(f"{suite.name}: {counts['done']} done, {counts['failed']} failed"
+          + (f", {counts['interrupted']} interrupted" if counts.get("interrupted") else "") + " in this run; "
           f"{counts['skipped']} already finished, {counts['failed_earlier']} failed earlier"
           + (f", {counts['running_elsewhere']} running elsewhere" if counts.get("running_elsewhere") else "")
           + f" (of {counts['planned']}); results in {out}")

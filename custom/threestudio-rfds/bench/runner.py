@@ -1,17 +1,19 @@
-"""Run a suite through threestudio's ``launch.py``, one subprocess per (config, prompt, seed).
+"""Run a suite through threestudio's ``launch.py``, one subprocess per (config, prompt, seed), on this
+machine's GPUs (bench/scheduler.py) or as a SLURM job array (bench/slurm.py).
 
 Layout of the results folder OUT (docs/tools.md)::
 
     OUT/suite.json                         the suite that was run (+ digest)
     OUT/ledger.jsonl                       resume-safe run ledger (bench/ledger.py)
     OUT/runs/<label>/<tag>/                threestudio's trial dir: exp_root_dir=OUT/runs, name=<label>,
-                                           tag=<prompt-slug>-s<seed>, use_timestamp=false
+                                           tag=<prompt-slug>-<hash6>-s<seed>, use_timestamp=false
     OUT/runs/<label>/<tag>/save/it<N>-test/<view>.png    threestudio's test renders
     OUT/logs/<label>/<tag>.log, .stats.json               child stdout+stderr, memwrap's peak memory
 
 Each launch is ``<python> memwrap.py <stats> launch.py --config C --train --gpu G
 system.prompt_processor.prompt='P' seed=S exp_root_dir=… name=… tag=… use_timestamp=false <overrides>``
-with cwd = the threestudio checkout.  Wall time is measured here around the subprocess.
+with cwd = the threestudio checkout.  Wall time is measured by the scheduler around the subprocess;
+paths in the ledger are relative to OUT.
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ from typing import Any, Callable, Dict, List, Optional
 from ..atomic import write_json
 from .executors import EXECUTORS, Executor, LocalExecutor, parse_gpus
 from .ledger import Ledger
-from .logs import LOG_TAIL_LINES, log_tail  # noqa: F401 (re-exported)
 from .owner import STALE_AFTER
 from .scheduler import RunSpec, Slot
 from .suite import Run, Suite, SuiteError, suite_digest

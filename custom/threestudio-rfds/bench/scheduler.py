@@ -21,8 +21,10 @@ from .owner import STALE_AFTER, Heartbeat, Owner, me, owner_alive
 from .suite import Run, Suite
 
 POLL_S = 0.1
-# why a run is cut off when the loop is left by an exception that says nothing (submitit's requeue exit)
+# why runs are cut off, set when the job itself is being stopped (SIGTERM to a SLURM task, submitit's
+# requeue): a child that then exits non-zero is recorded interrupted (rerun later), not failed
 INTERRUPT_REASON: Dict[str, str] = {}
+STOP_SIGNALS = (procs.signal.SIGTERM, procs.signal.SIGINT, procs.signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,11 @@ def _finish(a: _Active, rc: int, spec: RunSpec, ledger: Ledger) -> Dict[str, Any
         renders["renders_dir"] = os.path.relpath(renders["renders_dir"], spec.out_dir)
     tail = logs.log_tail(p.log)
     error = a.error
+    stopped = -rc in STOP_SIGNALS and error is None and "why" not in INTERRUPT_REASON
+    if error is None and rc != 0 and (stopped or "why" in INTERRUPT_REASON):  # stopped from outside, not a failure
+        why = INTERRUPT_REASON.get("why") or f"stopped by {procs.signal.Signals(-rc).name} from outside the runner"
+        return ledger.append(a.run.run_id, "interrupted", reason=why, returncode=rc, wall_time_s=wall,
+                             end_time=time.time(), log_tail=tail, **a.info)
     if error is None and rc != 0:
         why = logs.error_line(tail)
         error = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
@@ -136,7 +143,7 @@ def _finish(a: _Active, rc: int, spec: RunSpec, ledger: Ledger) -> Dict[str, Any
 
 
 def _start(a: _Active, spec: RunSpec) -> None:
-    from .runner import build_command, run_paths
+    from .runner import run_paths
 
     p = run_paths(spec.out_dir, a.run)
     shutil.rmtree(p.trial_dir, ignore_errors=True)  # a previous, unfinished attempt's renders (inside OUT only)
@@ -195,11 +202,12 @@ def execute(runs: List[Run], spec: RunSpec, slots: List[Slot], *, log: Callable[
     from .runner import build_command, run_paths
 
     owner = owner or me()
+    INTERRUPT_REASON.clear()
     ledger = Ledger(os.path.join(spec.out_dir, "ledger.jsonl"))
     hb = Heartbeat(spec.out_dir, owner)
     hb.beat(force=True)
     groups = classify(ledger, runs, spec, hb)
-    counts = {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(groups["done"]),
+    counts = {"planned": len(runs), "done": 0, "failed": 0, "interrupted": 0, "skipped": len(groups["done"]),
               "failed_earlier": len(groups["failed"]), "running_elsewhere": len(groups["running"])}
     queue: Deque[Run] = deque(groups["todo"])
     free: List[Slot] = list(slots)
@@ -253,7 +261,9 @@ def execute(runs: List[Run], spec: RunSpec, slots: List[Slot], *, log: Callable[
                     free.append(a.slot)
                     counts[rec["status"]] += 1
                     prog.walls.append(rec["wall_time_s"])
-                    if rec["status"] == "done":
+                    if rec["status"] == "interrupted":
+                        log(f"{a.run.run_id} interrupted on {a.slot.label}: {rec['reason']}; the next run reruns it")
+                    elif rec["status"] == "done":
                         prog.done += 1
                         log(f"[{prog.done + prog.failed}/{prog.total} finished] {a.run.run_id} done on {a.slot.label} "
                             f"in {fmt_duration(rec['wall_time_s'])}, {rec['n_renders']} test renders")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -83,10 +84,27 @@ def _task_slot(gpus: int) -> Slot:
 
 def run_task(spec: RunSpec, run_id: str, gpus_per_task: int = 1) -> str:
     """One array task: run ``run_id`` here (unless done or alive elsewhere); returns its ledger status."""
+    import signal
+
+    from . import scheduler
+
     runs = [r for r in spec.suite.runs() if r.run_id == run_id]
     if not runs:
         raise SuiteError(f"run {run_id!r} is not in suite {spec.suite.name!r}")
-    execute(runs, spec, [_task_slot(gpus_per_task)], handle_signals=False, progress_every=300.0)
+    prev = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):  # SLURM's SIGTERM (preemption, scancel) reaches our child too
+        scheduler.INTERRUPT_REASON.setdefault("why", "SIGTERM to the SLURM job (preemption or scancel)")
+        if callable(prev):
+            prev(signum, frame)  # submitit's own handler (it logs and waits for SIGUSR2)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        execute(runs, spec, [_task_slot(gpus_per_task)], handle_signals=False, progress_every=300.0)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, prev)
     return Ledger(os.path.join(spec.out_dir, "ledger.jsonl")).state()[run_id]["status"]
 
 
@@ -196,8 +214,8 @@ class SubmititExecutor:
             except Exception as e:  # the task itself crashed (not the run): the ledger says what is known
                 log(f"{rid}: task {j.job_id} ended with {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
         state = Ledger(os.path.join(spec.out_dir, "ledger.jsonl")).state()
+        counts["interrupted"] = 0
         for rid in ids:
             st = state.get(rid, {}).get("status")
-            counts[st if st in ("done", "failed") else "interrupted"] = counts.get(
-                st if st in ("done", "failed") else "interrupted", 0) + 1
+            counts[st if st in ("done", "failed") else "interrupted"] += 1
         return counts
