@@ -51,7 +51,9 @@ setup(
             "pytest>=7.4",
             "sentencepiece>=0.1.99",
             "protobuf>=3.20",
+            "submitit>=1.5",  # rfds-bench's SLURM path is tested through submitit's local executors
         ],
+        "slurm": ["submitit>=1.5"],  # rfds-bench run --executor slurm
     },
     entry_points={
         "console_scripts": [
