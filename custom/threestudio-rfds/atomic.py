@@ -25,8 +25,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> str:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~umask())
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # after ``write``: some writers replace the file they are given
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -57,12 +57,16 @@ def write_json(path: str, obj: Any, sort_keys: bool = False) -> str:
     return atomic_write(path, write)
 
 
+class OutputExistsError(FileExistsError):
+    """The output location is taken (a file, a non-empty folder, or one that must not be replaced)."""
+
+
 class StagedDir:
     """A folder built as a hidden sibling of ``final`` and moved into place by :meth:`publish`, so
     ``final`` holds one complete run or is left as it was (never a mix of two runs).
 
     ``final`` must be absent, an empty folder, or (``replace=True``) a folder that ``replaceable``
-    accepts; anything else raises ``FileExistsError`` here, before any work.  Creating the
+    accepts; anything else raises :class:`OutputExistsError` here, before any work.  Creating the
     sibling also proves the parent is writable.  A process killed outright (SIGKILL) leaves only
     the sibling ``.<name>.tmp-*``."""
 
@@ -70,13 +74,13 @@ class StagedDir:
         self.final = os.path.abspath(os.path.expanduser(final))
         self.replace = replace
         if os.path.lexists(self.final) and not os.path.isdir(self.final):
-            raise FileExistsError(f"{final!r} exists and is not a folder; name a new or existing output folder")
+            raise OutputExistsError(f"{final!r} exists and is not a folder; name a new or existing output folder")
         if self._occupied():
             if not replace:
-                raise FileExistsError(f"{final!r} already holds files; choose another folder or pass --overwrite "
+                raise OutputExistsError(f"{final!r} already holds files; choose another folder or pass --overwrite "
                                       "to replace it as a whole")
             if replaceable is not None and not replaceable(self.final):
-                raise FileExistsError(f"{final!r} is not an output folder of this tool; it is never replaced "
+                raise OutputExistsError(f"{final!r} is not an output folder of this tool; it is never replaced "
                                       "(choose another folder)")
         parent = os.path.dirname(self.final)
         os.makedirs(parent, exist_ok=True)
@@ -96,7 +100,7 @@ class StagedDir:
             return self.final
         if not self.replace:
             self.keep = True
-            raise FileExistsError(f"{self.final!r} was created by someone else meanwhile; this run is kept in "
+            raise OutputExistsError(f"{self.final!r} was created by someone else meanwhile; this run is kept in "
                                   f"{self.path!r}")
         old = tempfile.mkdtemp(dir=os.path.dirname(self.final), prefix=f".{os.path.basename(self.final)}.old-")
         aside = os.path.join(old, "run")

@@ -119,12 +119,19 @@ class EmbeddingCache:
 
     def save(self, spec: dict, prompt: str, tensors: Embeddings) -> str:
         """Write atomically: temporary file in the cache directory, fsync, os.replace."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"entry": json.dumps({"spec": spec, "prompt": prompt}, sort_keys=True, default=str),
                 "sha256": tensors_digest(tensors)}
-        return atomic_write(self.path(cache_key(spec, prompt)), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        def write(tmp: str) -> None:
+            try:
+                save_file(tensors, tmp, metadata=meta)
+            except SafetensorError as e:  # how safetensors reports I/O errors (a full disk): an OSError here
+                raise OSError(f"{e} writing {tmp}") from e
+
+        return atomic_write(self.path(cache_key(spec, prompt)), write)
 
     def load_valid(self, spec: dict, prompt: str, expect: Optional[Expect]) -> Optional[Embeddings]:
         """:meth:`load`, and None (with a warning) for an entry that ``expect`` rejects."""

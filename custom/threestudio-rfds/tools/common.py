@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..atomic import StagedDir
+from ..atomic import OutputExistsError, StagedDir
 
 FAMILIES = ("sd3", "instaflow")
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -107,7 +107,7 @@ def stage_output(args: argparse.Namespace, tool: str) -> StagedDir:
 
     try:
         return StagedDir(args.out, replace=args.overwrite, replaceable=ours)
-    except FileExistsError as e:
+    except OutputExistsError as e:
         raise ValueError(f"--out {e.args[0]}") from None
     except OSError as e:
         raise ValueError(f"--out {args.out!r}: cannot create the output folder ({e.strerror}: {e.filename})") from None
