@@ -60,7 +60,7 @@ setup(
             "rfds-2d=threestudio_rfds.tools.playground:main",
             "rfds-edit=threestudio_rfds.tools.edit:main",
             "rfds-bench=threestudio_rfds.bench.cli:main",
-            "rfds-benchmark-step=threestudio_rfds.benchmarks.guidance_step:main",
+            "rfds-benchmark-step=threestudio_rfds.steptime.guidance_step:main",
             "rfds-link=threestudio_rfds.adapter.link:main",
         ]
     },

@@ -7,7 +7,7 @@ import torch
 
 from threestudio_rfds.backends.instaflow import InstaFlowBackend
 from threestudio_rfds.backends.sd3 import SD3Backend
-from threestudio_rfds.benchmarks import guidance_step as gs
+from threestudio_rfds.steptime import guidance_step as gs
 
 FIELDS = {"case", "algorithm", "model", "median_ms", "min_ms", "peak_mem_gib", "dtype", "device_name",
           "resolution", "steps"}

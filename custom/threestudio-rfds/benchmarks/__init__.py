@@ -1,1 +1,0 @@
-"""Performance benchmarks (``rfds-benchmark-step``); no model downloads, random weights of real sizes."""
