@@ -20,7 +20,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from .checks import check_range, check_time
+from .checks import check_positive, check_range, check_time
 
 TimeConvention = Literal["model", "reference"]
 
@@ -164,7 +164,8 @@ def sd3_convention(shift: float = 3.0, time_convention: TimeConvention = "model"
     ``"reference"``: step percents index the descending sigma table as the paper's code does.
     """
     _check_time_convention(time_convention)
-    return FlowConvention("sd3", velocity_sign=1.0, shift=shift, reversed_percent=time_convention == "reference")
+    check_positive("shift", shift)
+    return FlowConvention("sd3", velocity_sign=1.0, shift=float(shift), reversed_percent=time_convention == "reference")
 
 
 def instaflow_convention(time_convention: TimeConvention = "model") -> FlowConvention:
@@ -205,6 +206,7 @@ def time_grid(num_steps: int, shift: float = 1.0, t_max: float = 1.0, t_min: flo
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     check_range("t_max", t_max, 0.0, 1.0)
     check_range("t_min", t_min, 0.0, t_max)
+    check_positive("shift", shift)
     u = torch.linspace(t_max, t_min, num_steps + 1, device=device, dtype=torch.float64)
     return shift_time(u, shift).float()
 

@@ -163,7 +163,13 @@ class _RFDSCacheMixin:
         return spawn_target(self.family, self.encoder_options())
 
     def _use_rfds_cache_dir(self) -> None:
-        self._cache_dir = os.path.join(CACHE_ROOT, options_tag(self.family, self.encoder_options()))
+        """One subfolder per encoder setting and per text-encoder weights (the fingerprint the core
+        cache keys on), so changed weights are re-encoded instead of served from the old files."""
+        from ..text.cache import model_fingerprint
+
+        fingerprint = model_fingerprint(self.cfg.pretrained_model_name_or_path)
+        self._cache_dir = os.path.join(CACHE_ROOT, options_tag(self.family, {**self.encoder_options(),
+                                                                            "fingerprint": fingerprint}))
 
     def configure(self) -> None:
         self.device = adapter_device()
