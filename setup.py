@@ -62,6 +62,7 @@ setup(
             "rfds-bench=threestudio_rfds.bench.cli:main",
             "rfds-benchmark-step=threestudio_rfds.steptime.guidance_step:main",
             "rfds-link=threestudio_rfds.adapter.link:main",
+            "rfds-setup=threestudio_rfds.adapter.setup_env:main",
         ]
     },
 )

@@ -72,10 +72,11 @@ def test_link_creates_and_reuses_the_symlink(tmp_path, capsys):
     assert rfds_link.main([str(root)]) == 0  # idempotent
 
 
-def test_link_check_only_changes_nothing(tmp_path):
+def test_link_creates_custom_in_a_fresh_clone(tmp_path):
     root = _checkout(tmp_path)
-    assert rfds_link.main([str(root), "--check"]) == 0
-    assert not (root / "custom" / "threestudio-rfds").exists()
+    (root / "custom").rmdir()  # git keeps no empty folder
+    assert rfds_link.main([str(root)]) == 0
+    assert os.path.realpath(root / "custom" / "threestudio-rfds") == os.path.realpath(PACKAGE_DIR)
 
 
 def test_link_refuses_other_link_without_force(tmp_path, capsys):

@@ -5,7 +5,8 @@
 Symlinks the installed package folder to ``<threestudio>/custom/threestudio-rfds`` (where
 threestudio's ``launch.py`` loads extensions) after checking the threestudio checkout, its
 version (>= 0.2.0, read from the source without importing it) and the versions of the
-libraries the adapter needs.  ``--check`` only checks; ``--force`` replaces an existing link.
+libraries the adapter needs.  ``--check`` changes nothing and prints the full environment table
+of :mod:`.envcheck` (exit status 1 on any problem); ``--force`` replaces an existing link.
 """
 from __future__ import annotations
 
@@ -62,9 +63,9 @@ def check_versions(root: str) -> List[str]:
 
 def link(root: str, force: bool = False, source: str = PACKAGE_DIR) -> str:
     """Create ``<root>/custom/threestudio-rfds`` → ``source``; returns the link path."""
+    threestudio_version(root)  # a checkout, or LinkError
     custom = os.path.join(root, "custom")
-    if not os.path.isdir(custom):
-        raise LinkError(f"{custom} does not exist: is {root!r} a threestudio checkout?")
+    os.makedirs(custom, exist_ok=True)  # git keeps no empty folder: fresh clones lack custom/
     target = os.path.join(custom, EXTENSION_NAME)
     if os.path.islink(target):
         if os.path.realpath(target) == os.path.realpath(source):
@@ -85,14 +86,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("root", nargs="?", default=os.environ.get("THREESTUDIO_ROOT", "."),
                    help="threestudio checkout (default: $THREESTUDIO_ROOT or the current folder)")
     p.add_argument("--force", action="store_true", help="replace an existing link to another folder")
-    p.add_argument("--check", action="store_true", help="only check the checkout and the versions")
+    p.add_argument("--check", action="store_true",
+                   help="change nothing; print the environment table (exit 1 on any problem)")
     args = p.parse_args(argv)
     root = os.path.abspath(args.root)
+    if args.check:
+        from .envcheck import report
+
+        return report(root)
     try:
         for line in check_versions(root):
             print(f"ok: {line}")
-        if args.check:
-            return 0
         target = link(root, force=args.force)
     except LinkError as e:
         print(f"rfds-link: error: {e}", file=sys.stderr)

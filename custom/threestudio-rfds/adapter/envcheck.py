@@ -1,0 +1,242 @@
+"""The environment check behind ``rfds-link --check`` and the end of ``rfds-setup``.
+
+    python -m threestudio_rfds.adapter.envcheck [THREESTUDIO_ROOT]
+
+One row per component: ``ok``, ``warn`` (works, but note the detail) or ``FAIL`` (with the fix);
+the exit status is 1 when any row fails.  Versions are read from the installed distributions'
+metadata (importlib.metadata), compared with :mod:`.envset`, the data ``rfds-setup`` installs.
+
+Without CUDA, the CUDA extensions (tinycudann, nvdiffrast, nerfacc's extension) cannot be built
+or used; they are then ``warn`` "not built (no CUDA)": the guidance, prompt processors and tests
+run, training a NeRF does not.  Where torch sees CUDA their absence is a failure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from typing import List, Optional
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from . import envset
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclass(frozen=True)
+class Row:
+    component: str
+    status: str  # OK, WARN or FAIL
+    detail: str
+
+
+def dist_version(dist: str) -> Optional[str]:
+    """Installed version of distribution ``dist``, or None."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def public(version: str) -> Version:
+    """The public part of a version: 2.14.1+cu128 → 2.14.1."""
+    return Version(Version(version).public)
+
+
+def check_component(c: envset.Component) -> Row:
+    """A row for one library of the known-good set."""
+    have = dist_version(c.dist)
+    fix = c.fix or (f"pip install '{c.pin}'" if c.pin else f"pip install '{c.dist}{c.accept}'")
+    if have is None:
+        if c.optional:
+            return Row(c.dist, OK, "not installed (optional)")
+        return Row(c.dist, FAIL, f"not installed; fix: {fix}")
+    try:
+        fine = not c.accept or public(have) in SpecifierSet(c.accept)
+    except InvalidVersion:
+        fine = False
+    if fine:
+        return Row(c.dist, OK, have)
+    return Row(c.dist, FAIL, f"{have} is outside {c.accept}: {c.why}; fix: {fix}")
+
+
+def check_threestudio(root: str) -> List[Row]:
+    """Version (parsed from the source), commit (when the checkout has git metadata) and link."""
+    from .compat import ThreestudioVersionError, check_threestudio_version
+    from .link import EXTENSION_NAME, PACKAGE_DIR, LinkError, threestudio_version
+
+    try:
+        version = threestudio_version(root)
+        check_threestudio_version(version)
+    except (LinkError, ThreestudioVersionError) as e:
+        return [Row("threestudio", FAIL, str(e))]
+    commit = _git_commit(root)
+    if commit is None:
+        tested = envset.THREESTUDIO_COMMIT[:7]
+        row = Row("threestudio", OK, f"{version} at {root} (no git metadata; tested commit {tested})")
+    elif commit == envset.THREESTUDIO_COMMIT:
+        row = Row("threestudio", OK, f"{version} at {root}, commit {commit[:7]} (the tested one)")
+    else:
+        pin = envset.THREESTUDIO_COMMIT
+        row = Row("threestudio", WARN, f"{version} at {root}, commit {commit[:7]}: untested (tested: {pin[:7]}; "
+                                       f"git -C {root} checkout {pin})")
+    target = os.path.join(root, "custom", EXTENSION_NAME)
+    if os.path.realpath(target) == os.path.realpath(PACKAGE_DIR):
+        link_row = Row("extension link", OK, f"{target} -> {PACKAGE_DIR}")
+    else:
+        link_row = Row("extension link", WARN, f"{target} is not this package; fix: rfds-link {root}")
+    return [row, link_row]
+
+
+def _git_commit(root: str) -> Optional[str]:
+    if not os.path.exists(os.path.join(root, ".git")) or shutil.which("git") is None:
+        return None
+    r = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def check_torch() -> List[Row]:
+    """torch (version, CUDA build, GPU visible) and the torchvision built for it."""
+    have = dist_version("torch")
+    if have is None:
+        return [Row("torch", FAIL, "not installed; fix: pip install torch (CUDA build on GPU machines; "
+                                   "CPU: --index-url https://download.pytorch.org/whl/cpu)")]
+    import torch
+
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+    gpu = f"{torch.cuda.device_count()} GPU(s) visible" if torch.cuda.is_available() else "no GPU visible"
+    status = OK if public(have) >= Version(envset.MIN_TORCH) else FAIL
+    too_old = "" if status == OK else f"; needs >= {envset.MIN_TORCH}"
+    rows = [Row("torch", status, f"{have} ({build}, {gpu}){too_old}")]
+    tv = dist_version("torchvision")
+    wanted = envset.TORCHVISION_FOR_TORCH.get(str(public(have)))
+    fix = f"pip install torchvision=={wanted}" if wanted else "install the torchvision release made for your torch"
+    if tv is None:
+        rows.append(Row("torchvision", FAIL, f"not installed; fix: {fix}"))
+        return rows
+    built_for = [Requirement(r) for r in metadata.requires("torchvision") or [] if r.startswith("torch")]
+    pins = [r for r in built_for if r.name == "torch"]
+    if pins and not pins[0].specifier.contains(str(public(have)), prereleases=True):
+        rows.append(Row("torchvision", FAIL, f"{tv} was built for torch {pins[0].specifier}, not {have}; fix: {fix}"))
+    else:
+        rows.append(Row("torchvision", OK, tv))
+    return rows
+
+
+def no_gpu_reason() -> Optional[str]:
+    """None where torch can use a GPU, else why not."""
+    import torch
+
+    if not torch.version.cuda:
+        return "no CUDA: torch is a CPU build"
+    if not torch.cuda.is_available():
+        return "no CUDA: no GPU visible"
+    return None
+
+
+def nerfacc_extension_built() -> bool:
+    """Whether nerfacc's CUDA extension is there (prebuilt ``nerfacc.csrc`` or a finished JIT
+    build), without triggering a build."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("nerfacc.csrc") is not None:
+            return True
+    except ImportError:
+        return False
+    import torch
+
+    if not torch.cuda.is_available():  # a JIT build needs CUDA (and importing cpp_extension warns without it)
+        return False
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = get_default_build_root()
+    for dirpath, _dirs, files in os.walk(root):
+        if "nerfacc_cuda" in dirpath and any(f.startswith("nerfacc_cuda") and f.endswith(".so") for f in files):
+            return True
+    return False
+
+
+def check_cuda_builds() -> List[Row]:
+    """tinycudann, nvdiffrast, nerfacc's extension: warnings without CUDA, failures with it."""
+    no_gpu = no_gpu_reason()
+    rows = []
+    for b in envset.CUDA_BUILDS:
+        built = nerfacc_extension_built() if b.dist == "nerfacc" else dist_version(b.dist) is not None
+        if built:
+            rows.append(Row(b.name, OK, "built" if b.dist == "nerfacc" else dist_version(b.dist)))
+        elif no_gpu:
+            rows.append(Row(b.name, WARN, f"not built ({no_gpu}); needed for {b.why}, so training will not run "
+                                         f"here; on a CUDA machine: {b.command}"))
+        else:
+            rows.append(Row(b.name, FAIL, f"not built; needed for {b.why}; fix (needs nvcc): {b.command}"))
+    return rows
+
+
+def check_hub() -> Row:
+    """Where models are cached, whether offline mode is on and whether the ``hf`` CLI is there."""
+    from huggingface_hub import constants
+
+    cache = constants.HF_HUB_CACHE
+    repos = len([d for d in os.listdir(cache) if d.startswith("models--")]) if os.path.isdir(cache) else 0
+    offline = "offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "online mode"
+    hf = shutil.which("hf") or shutil.which("hf", path=os.path.dirname(sys.executable))
+    detail = f"cache {cache} ({repos} model(s)), {offline}, endpoint {constants.ENDPOINT}"
+    probe = cache if os.path.isdir(cache) else os.path.dirname(cache.rstrip(os.sep)) or "."
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK) and not constants.HF_HUB_OFFLINE:
+        return Row("hub cache", FAIL, f"{detail}: {probe} is not writable; fix: set HF_HOME to a writable folder")
+    if hf is None:
+        return Row("hub cache", WARN, f"{detail}; the `hf` CLI is not on PATH (pip install 'huggingface_hub>=1.0')")
+    return Row("hub cache", OK, f"{detail}; CLI {hf}")
+
+
+def check_environment(root: Optional[str]) -> List[Row]:
+    """All rows, in table order (threestudio rows only when ``root`` is given)."""
+    rows = check_threestudio(os.path.abspath(root)) if root else []
+    rows += check_torch()
+    rows += [check_component(c) for c in envset.COMPONENTS if c.dist != "torchvision"]
+    rows += check_cuda_builds()
+    rows.append(check_hub())
+    return rows
+
+
+def format_table(rows: List[Row]) -> str:
+    width = max(len(r.component) for r in rows)
+    return "\n".join(f"{r.component:<{width}}  {r.status:<4}  {r.detail}" for r in rows)
+
+
+def report(root: Optional[str], out=None) -> int:
+    """Print the table and a summary line (to ``out``, default stdout); 1 if any row failed, else 0."""
+    out = out or sys.stdout
+    rows = check_environment(root)
+    print(format_table(rows), file=out)
+    failed = [r.component for r in rows if r.status == FAIL]
+    warned = [r.component for r in rows if r.status == WARN]
+    if failed:
+        print(f"environment check: FAILED ({', '.join(failed)})", file=out)
+        return 1
+    print("environment check: ok" + (f" with warnings ({', '.join(warned)})" if warned else ""), file=out)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m threestudio_rfds.adapter.envcheck",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("root", nargs="?", default=os.environ.get("THREESTUDIO_ROOT"),
+                   help="threestudio checkout (default: $THREESTUDIO_ROOT; omitted: libraries only)")
+    args = p.parse_args(argv)
+    return report(args.root)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

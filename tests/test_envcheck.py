@@ -1,0 +1,124 @@
+"""The environment check (rfds-link --check, the end of rfds-setup): its table, its verdicts on
+the bad pins threestudio's requirements bring (bitsandbytes 0.38.1, libigl 2.6.x, installed for
+real into a scratch folder), and the CPU / CUDA rule for the CUDA extensions."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from threestudio_rfds.adapter import envcheck, envset
+from threestudio_rfds.adapter import link as rfds_link
+
+from test_threestudio_optional import _checkout
+
+
+def _rows(rows):
+    return {r.component: r for r in rows}
+
+
+def test_table_has_a_row_per_component_and_the_exit_status_follows_the_rows(tmp_path, capsys):
+    root = _checkout(tmp_path)
+    status = envcheck.report(str(root))
+    out = capsys.readouterr().out
+    for name in ("threestudio", "extension link", "torch", "torchvision", "diffusers", "transformers",
+                 "huggingface_hub", "pytorch-lightning", "omegaconf", "libigl", "bitsandbytes", "nerfacc",
+                 "envlight", "tinycudann", "nvdiffrast", "nerfacc CUDA extension", "hub cache"):
+        assert any(line.startswith(name + " ") for line in out.splitlines()), (name, out)
+    failed = [line for line in out.splitlines() if "  FAIL  " in line]
+    assert status == (1 if failed else 0), out
+    assert out.strip().splitlines()[-1].startswith("environment check: " + ("FAILED" if failed else "ok"))
+
+
+def test_link_check_prints_the_table_and_changes_nothing(tmp_path, capsys):
+    root = _checkout(tmp_path)
+    status = rfds_link.main([str(root), "--check"])
+    out = capsys.readouterr().out
+    assert "threestudio             ok    0.2.3" in out and "extension link" in out
+    assert status == (1 if "environment check: FAILED" in out else 0)
+    assert not (root / "custom" / "threestudio-rfds").exists()
+
+
+def test_threestudio_rows(tmp_path):
+    root = _checkout(tmp_path, '"0.1.0"')
+    (row,) = envcheck.check_threestudio(str(root))
+    assert row.status == envcheck.FAIL and "needs threestudio >= 0.2.0" in row.detail
+    root = _checkout(tmp_path / "b")
+    rows = _rows(envcheck.check_threestudio(str(root)))
+    assert rows["threestudio"].status == envcheck.OK and "no git metadata" in rows["threestudio"].detail
+    assert rows["extension link"].status == envcheck.WARN and f"rfds-link {root}" in rows["extension link"].detail
+    assert rfds_link.main([str(root)]) == 0
+    assert _rows(envcheck.check_threestudio(str(root)))["extension link"].status == envcheck.OK
+
+
+def test_version_rules(monkeypatch):
+    versions = {"libigl": "2.6.1", "bitsandbytes": "0.38.1", "diffusers": "0.19.3", "nerfacc": "0.5.3"}
+    monkeypatch.setattr(envcheck, "dist_version", lambda d: versions.get(d))
+    rows = _rows(envcheck.check_component(envset.component(d)) for d in ("libigl", "bitsandbytes", "diffusers",
+                                                                         "nerfacc", "envlight"))
+    assert rows["libigl"].status == envcheck.FAIL and "pip install 'libigl==2.5.1'" in rows["libigl"].detail
+    assert rows["bitsandbytes"].status == envcheck.FAIL and "pip uninstall -y bitsandbytes" in rows["bitsandbytes"].detail
+    assert rows["diffusers"].status == envcheck.FAIL and "outside >=0.29" in rows["diffusers"].detail
+    assert rows["nerfacc"].status == envcheck.OK
+    assert rows["envlight"].status == envcheck.FAIL and "not installed" in rows["envlight"].detail
+    versions.pop("bitsandbytes")
+    assert envcheck.check_component(envset.component("bitsandbytes")).status == envcheck.OK  # absent is fine
+
+
+def test_cuda_extensions_warn_without_cuda_and_fail_with_it(monkeypatch):
+    monkeypatch.setattr(envcheck, "dist_version", lambda d: None)
+    monkeypatch.setattr(envcheck, "nerfacc_extension_built", lambda: False)
+    monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: "no CUDA: torch is a CPU build")
+    rows = envcheck.check_cuda_builds()
+    assert [r.name for r in envset.CUDA_BUILDS] == [r.component for r in rows]
+    for r, b in zip(rows, envset.CUDA_BUILDS):
+        assert r.status == envcheck.WARN and "not built (no CUDA" in r.detail and "training will not run" in r.detail
+        assert b.command in r.detail
+    monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: None)  # a GPU machine without the builds
+    assert all(r.status == envcheck.FAIL and "fix" in r.detail for r in envcheck.check_cuda_builds())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-machine verdict")
+def test_this_cpu_machine_reports_the_cuda_extensions_as_not_built():
+    rows = _rows(envcheck.check_cuda_builds())
+    assert rows["nerfacc CUDA extension"].status == envcheck.WARN
+    assert envcheck.no_gpu_reason().startswith("no CUDA")
+
+
+def test_torchvision_built_for_another_torch_fails(monkeypatch):
+    real = envcheck.metadata.requires
+    monkeypatch.setattr(envcheck.metadata, "requires",
+                        lambda d: ["torch==1.13.0"] if d == "torchvision" else real(d))
+    if envcheck.dist_version("torchvision") is None:
+        pytest.skip("torchvision is not installed here")
+    row = _rows(envcheck.check_torch())["torchvision"]
+    assert row.status == envcheck.FAIL and "built for torch ==1.13.0" in row.detail
+
+
+@pytest.mark.slow
+def test_real_bad_pins_fail_the_check(tmp_path):
+    """bitsandbytes 0.38.1 and libigl 2.6.1 installed for real (pip --target, no dependencies)
+    ahead of this environment's packages; the check, run as a subprocess, must fail on both.
+    Costs about 20 s and 320 MB of disk when pip's cache has the wheels (117 MB to download)."""
+    target = tmp_path / "bad"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                        "bitsandbytes==0.38.1", "libigl==2.6.1"], capture_output=True, text=True, timeout=600)
+    if r.returncode:
+        pytest.skip(f"cannot install the bad pins here (no package index?): {r.stderr.strip()[-300:]}")
+    install_s = time.time() - t0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    root = _checkout(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "threestudio_rfds.adapter.envcheck", str(root)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = {ln.split()[0]: ln for ln in out.stdout.splitlines() if ln.strip()}
+    assert "FAIL" in lines["bitsandbytes"] and "0.38.1" in lines["bitsandbytes"], out.stdout
+    assert "FAIL" in lines["libigl"] and "2.6.1" in lines["libigl"] and "libigl==2.5.1" in lines["libigl"], out.stdout
+    assert "FAILED (" in out.stdout and "bitsandbytes" in out.stdout.splitlines()[-1]
+    # the reasons the rows give are real: libigl 2.6 lacks what threestudio imports
+    probe = subprocess.run([sys.executable, "-c", "from igl import fast_winding_number_for_meshes"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode != 0 and "fast_winding_number_for_meshes" in probe.stderr
+    print(f"bad-pin install {install_s:.1f} s")
