@@ -214,9 +214,9 @@ def test_wrong_latent_channels(tiny_instaflow_path):
 
 def test_missing_folder_and_offline_errors(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    with pytest.raises(ModelLoadError, match=r"no-such-model.*subfolder 'unet'.*huggingface-cli download"):
+    with pytest.raises(ModelLoadError, match=r"no-such-model.*subfolder 'unet'.*model folder .* does not exist"):
         InstaFlowBackend(missing, device="cpu")
-    with pytest.raises(ModelLoadError, match=r"nobody-xyz/instaflow-missing.*'unet'.*offline.*huggingface-cli download"):
+    with pytest.raises(ModelLoadError, match=r"nobody-xyz/instaflow-missing.*'unet'.*offline.*hf download nobody-xyz/instaflow-missing"):
         InstaFlowBackend("nobody-xyz/instaflow-missing", device="cpu", local_files_only=True)
     with pytest.raises(ModelLoadError, match=r"CLIPTokenizer.*subfolder 'tokenizer'.*offline"):
         encode_clip_prompts("nobody-xyz/instaflow-missing", "a cat", local_files_only=True)

@@ -220,5 +220,5 @@ def test_offline_mode_error_names_model_subfolder_and_fix(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("ModelLoadError"), out
     for part in ("'fake-org/fake-sd3-model'", "subfolder 'scheduler'", "offline mode",
-                 "huggingface-cli download fake-org/fake-sd3-model"):
+                 "hf download fake-org/fake-sd3-model"):
         assert part in out, out

@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 from functools import partial
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -51,10 +51,40 @@ def encode_to_threestudio_cache(
         atomic_write(path, partial(torch.save, obj))
 
 
-def spawn_target(family: str, options: Dict) -> Callable[[str, List[str], str], None]:
-    """A picklable ``spawn_func(model, prompts, cache_dir)`` bound to one encoder setting."""
+def spawn_target(family: str, options: Dict, error_file: Optional[str] = None) -> Callable[[str, List[str], str], None]:
+    """A picklable ``spawn_func(model, prompts, cache_dir)`` bound to one encoder setting; with
+    ``error_file`` a failure also writes "Type: message" there for the parent to report."""
     ensure_importable_by_name()
-    return partial(encode_to_threestudio_cache, family, dict(options))
+    if error_file is None:
+        return partial(encode_to_threestudio_cache, family, dict(options))
+    return partial(_encode_reporting, error_file, family, dict(options))
+
+
+def _encode_reporting(error_file: str, family: str, options: Dict, *args) -> None:
+    try:
+        encode_to_threestudio_cache(family, options, *args)
+    except BaseException as e:
+        with open(error_file, "w", encoding="utf-8") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+
+
+def new_error_file() -> str:
+    """An empty file the spawned child writes its error into."""
+    fd, path = tempfile.mkstemp(prefix="rfds-prompt-error-", suffix=".txt")
+    os.close(fd)
+    return path
+
+
+def child_error(error_file: str) -> str:
+    """The child's recorded error, or what is known when it recorded none; removes the file."""
+    try:
+        with open(error_file, encoding="utf-8") as f:
+            text = f.read().strip()
+        os.remove(error_file)
+    except OSError:
+        text = ""
+    return text or "the child recorded no error (killed from outside, e.g. out of memory?)"
 
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

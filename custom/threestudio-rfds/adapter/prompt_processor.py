@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .cache_worker import options_tag, spawn_target
+from .cache_worker import child_error, new_error_file, options_tag, spawn_target
 from .compat import adapter_device, require_threestudio
 
 require_threestudio()
@@ -27,6 +27,10 @@ from threestudio.models.prompt_processors.stable_diffusion_prompt_processor impo
 from threestudio.utils.misc import barrier  # noqa: E402
 
 CACHE_ROOT = ".threestudio_cache/text_embeddings"  # threestudio's (hard-coded there as well)
+
+
+class PromptEncodingError(RuntimeError):
+    """Encoding the prompts failed in threestudio's spawned subprocess; the message is the child's error."""
 
 
 @dataclass
@@ -160,7 +164,7 @@ class _RFDSCacheMixin:
 
     @property
     def spawn_func(self):  # threestudio calls self.spawn_func(model, prompts, cache_dir), maybe in a child
-        return spawn_target(self.family, self.encoder_options())
+        return spawn_target(self.family, self.encoder_options(), getattr(self, "_error_file", None))
 
     def _use_rfds_cache_dir(self) -> None:
         """One subfolder per encoder setting and per text-encoder weights (the fingerprint the core
@@ -177,8 +181,20 @@ class _RFDSCacheMixin:
 
     @rank_zero_only
     def prepare_text_embeddings(self):
+        """threestudio's, but a failed ``spawn`` child's own error is raised instead of threestudio's
+        bare "prompt embedding process failed!" assertion."""
         self._use_rfds_cache_dir()
-        super().prepare_text_embeddings()
+        self._error_file = new_error_file() if self.cfg.spawn else None
+        try:
+            super().prepare_text_embeddings()
+        except AssertionError as e:
+            if self._error_file is None or "prompt embedding process failed" not in str(e):
+                raise
+            raise PromptEncodingError(f"the prompt embedding subprocess failed: {child_error(self._error_file)}") from None
+        finally:
+            if self._error_file is not None and os.path.exists(self._error_file):
+                os.remove(self._error_file)
+            self._error_file = None
 
     def load_text_embeddings(self):
         self._use_rfds_cache_dir()

@@ -10,16 +10,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import check_choice
+from .hub import ModelLoadError, offline, resolve_source
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``None``/"auto" → cuda when available, else cpu."""
+    """``None``/"auto" → cuda when available, else cpu.  A device this torch cannot use (cuda
+    without CUDA, a GPU index beyond those visible, mps without MPS) is refused here, before any
+    model loads."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU build (install a CUDA build of torch on a GPU machine)"
+                   if torch.version.cuda is None else f"this torch (CUDA {torch.version.cuda} build) sees no GPU")
+            raise ValueError(f"device {device!r} is not usable: {why}; use device='cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} is not usable: {torch.cuda.device_count()} GPU(s) visible "
+                             f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not usable: MPS is not available; use 'cpu' or 'auto'")
+    return dev
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
@@ -41,33 +58,28 @@ def hub_kwargs(revision: Optional[str] = None, local_files_only: Optional[bool] 
     return kw
 
 
-class ModelLoadError(OSError):
-    """A model folder or hub repository could not be loaded."""
-
-
 def load_component(cls, path: str, subfolder: Optional[str], **kwargs: Any):
-    """``cls.from_pretrained(path, subfolder=...)`` with an error that names the model, the
-    subfolder and how to get the weights (offline mode, missing folder, gated repo)."""
+    """``cls.from_pretrained(path, subfolder=...)`` after :func:`.hub.resolve_source` (missing
+    folder, offline without the cache, unreachable hub: errors in seconds), with an error that
+    names the model, the subfolder and how to get the weights."""
+    where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    try:
+        local_only = resolve_source(path, kwargs.get("local_files_only"))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"cannot load {cls.__name__} from {where}: {e}") from None
+    if local_only:
+        kwargs["local_files_only"] = True
     try:
         return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or kwargs.get(
-            "local_files_only", False
-        )
         if os.path.isdir(path):
             hint = f"the local folder exists but lacks a loadable {cls.__name__} in {subfolder or '.'}"
-        elif offline:
-            hint = (
-                "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only) and the files are not in the "
-                f"Hugging Face cache; run `huggingface-cli download {path}` on a machine with internet, "
-                "or pass a local folder"
-            )
+        elif offline(kwargs.get("local_files_only")):
+            hint = (f"offline mode is on (HF_HUB_OFFLINE=1 or local_files_only) and the files are not all in the "
+                    f"Hugging Face cache; run `hf download {path}` on a machine with internet, or pass a local folder")
         else:
-            hint = (
-                f"pass a local folder or a hub id; download it with `huggingface-cli download {path}` "
-                "(gated models such as SD3 need `huggingface-cli login` and accepting the licence)"
-            )
+            hint = (f"pass a local folder or a hub id; download it with `hf download {path}` (gated models such "
+                    "as SD3 need `hf auth login` and accepting the licence)")
         raise ModelLoadError(f"cannot load {cls.__name__} from {where}: {hint}. Original error: {e}") from e
 
 
