@@ -205,6 +205,8 @@ def test_bad_values_are_one_line_errors(fake, tmp_path, capsys, monkeypatch):
     suite = write_suite(str(tmp_path / "s.yaml"), ["x"])
     assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--gpus", "0,0"]) == 2
     assert "--gpus must be 'all' or distinct comma-separated GPU ids" in capsys.readouterr().err
+    assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--gpus", "0", "--executor", "slurm"]) == 2
+    assert "--gpus 0 is for --executor local" in capsys.readouterr().err
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
     assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--gpus", "all"]) == 2

@@ -102,6 +102,17 @@ def test_sbatch_script_for_a_cluster(fake, tmp_path, monkeypatch, capsys):
     assert "3 queued (of 3)" in capsys.readouterr().out
     assert calls(ts) == []  # nothing ran here
 
+    # sacct: task 0 still pending, task 1 running (not yet in the ledger), task 2 died before starting
+    sacct = bindir / "sacct"
+    sacct.write_text("#!/bin/sh\ncat <<'EOF'\nJobID|State\n4242_[0%2]|PENDING\n4242_1|RUNNING\n4242_2|FAILED\nEOF\n")
+    sacct.chmod(sacct.stat().st_mode | stat.S_IEXEC)
+    assert bench_main(["status", out]) == 0
+    text = capsys.readouterr().out
+    assert "SLURM: PENDING" in text and "SLURM: RUNNING" in text and "SLURM: FAILED" in text
+    assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--executor", "slurm"]) == 0
+    assert "1 runs submitted, 2 already queued" in capsys.readouterr().out  # only the task that died
+    assert len(submitted(out)) == 2 and submitted(out)[1]["runs"] == [job["runs"][2]]
+
 
 def test_no_slurm_here_is_a_one_line_error(fake, tmp_path, monkeypatch, capsys):
     ts, out = fake

@@ -117,9 +117,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     if "submitted" in counts and not (args.wait or args.slurm_cluster == "debug"):
-        print(f"{suite.name}: {counts['submitted']} runs submitted, {counts['skipped']} already done, "
-              f"{counts['failed_earlier']} failed earlier, {counts['running_elsewhere']} running elsewhere "
-              f"(of {counts['planned']}); results in {out}")
+        print(f"{suite.name}: {counts['submitted']} runs submitted, {counts.get('already_queued', 0)} already queued, "
+              f"{counts['skipped']} already done, {counts['failed_earlier']} failed earlier, "
+              f"{counts['running_elsewhere']} running elsewhere (of {counts['planned']}); results in {out}")
         return 0
     state = Ledger(os.path.join(out, "ledger.jsonl")).state()
     ids = [r.run_id for r in suite.runs()]

@@ -159,6 +159,8 @@ def run_suite(
         raise SuiteError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
     if executor not in EXECUTORS:
         raise SuiteError(f"--executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
+    if gpus and executor != "local":
+        raise SuiteError(f"--gpus {gpus} is for --executor local; with --executor {executor} use --gpus-per-task")
     python = python or sys.executable
     threestudio = os.path.abspath(threestudio)
     out_dir = os.path.abspath(out_dir)  # the child runs in the threestudio checkout
@@ -180,11 +182,13 @@ def run_suite(
     if dry_run:
         state = Ledger(os.path.join(out_dir, "ledger.jsonl")).state()
         skip_status = ("done", "failed") if not retry_failed else ("done",)
-        env = "" if executor != "local" or not gpus else f"CUDA_VISIBLE_DEVICES={{{','.join(s.env['CUDA_VISIBLE_DEVICES'] for s in slots)}}} "
+        if gpus:
+            log(f"# one launch at a time per GPU, each with CUDA_VISIBLE_DEVICES set to one of: "
+                f"{', '.join(s.env['CUDA_VISIBLE_DEVICES'] for s in slots)}")
         for r in runs:
             st = state.get(r.run_id, {}).get("status")
             mark = f"[skip: {st}] " if st in skip_status else ""
-            log(f"{mark}{r.run_id}\n  cd {shlex.quote(threestudio)} && {env}{shlex.join(cmds[r.run_id])}")
+            log(f"{mark}{r.run_id}\n  cd {shlex.quote(threestudio)} && {shlex.join(cmds[r.run_id])}")
         return counts
 
     check_out_dir(out_dir, suite)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -152,22 +154,31 @@ def submitted(out_dir: str) -> List[Dict[str, Any]]:
     return out
 
 
+LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
 def task_states(out_dir: str) -> Dict[str, str]:
-    """run_id → scheduler state (PENDING, RUNNING, ...) of its latest array task, where SLURM says."""
-    states: Dict[str, str] = {}
+    """run_id → SLURM state (PENDING, RUNNING, ...) of its latest array task, as sacct reports it;
+    {} where sacct is absent or silent (the ledger alone then decides)."""
     recs = [r for r in submitted(out_dir) if r.get("cluster") == "slurm"]
-    if not recs:
-        return states
+    if not recs or not shutil.which("sacct"):
+        return {}
+    cmd = ["sacct", "-o", "JobID,State", "--parsable2"]
+    for r in recs:
+        cmd += ["-j", str(r["job_id"])]
     try:
-        import submitit
-    except ImportError:
-        return states
-    for rec in recs:
-        for i, rid in enumerate(rec["runs"]):
-            try:
-                states[rid] = submitit.SlurmJob(rec["folder"], f"{rec['job_id']}_{i}").state
-            except Exception:  # sacct unavailable: the ledger alone decides
-                pass
+        text = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+        from submitit.slurm.slurm import SlurmInfoWatcher  # parses array ranges such as 42_[3-9%4]
+
+        info = SlurmInfoWatcher().read_info(text)
+    except (OSError, subprocess.SubprocessError, ImportError):
+        return {}
+    states: Dict[str, str] = {}
+    for r in recs:  # a later submission of a run overrides an earlier one
+        for i, rid in enumerate(r["runs"]):
+            st = info.get(f"{r['job_id']}_{i}", {}).get("State")
+            if st:
+                states[rid] = st.split()[0]  # "CANCELLED by 1234" → CANCELLED
     return states
 
 
@@ -183,7 +194,9 @@ class SubmititExecutor:
         counts = {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(groups["done"]),
                   "failed_earlier": len(groups["failed"]), "running_elsewhere": len(groups["running"]),
                   "submitted": len(groups["todo"])}
-        todo = groups["todo"]
+        live = {rid for rid, st in task_states(spec.out_dir).items() if st in LIVE_STATES}
+        todo = [r for r in groups["todo"] if r.run_id not in live]  # queued, not yet started: not again
+        counts.update(submitted=len(todo), already_queued=len(groups["todo"]) - len(todo))
         if not todo:
             return counts
         folder = os.path.join(spec.out_dir, "slurm", "%j")
