@@ -265,3 +265,54 @@ def test_encode_prompts_dispatch_and_cache(tiny_instaflow_path, conds, tmp_path)
                                   dtype="fp32", cache_dir=cache_dir)
         torch.testing.assert_close(c["encoder_hidden_states"], conds[0]["encoder_hidden_states"], rtol=0, atol=0)
         torch.testing.assert_close(u["encoder_hidden_states"], conds[1]["encoder_hidden_states"], rtol=0, atol=0)
+
+
+def _delta_folders(root, fine_seed=2):
+    """Tiny "SD1.5" (base) and "fine-tune" folders with unet/ and vae/, written with save_pretrained."""
+    from tiny_instaflow import tiny_unet, tiny_vae
+
+    tiny_unet(seed=1).save_pretrained(str(root / "base" / "unet"))
+    tiny_vae(seed=1).save_pretrained(str(root / "base" / "vae"))
+    tiny_unet(seed=fine_seed).save_pretrained(str(root / "fine" / "unet"))
+    tiny_vae(seed=3).save_pretrained(str(root / "fine" / "vae"))
+    return {"base": str(root / "base"), "finetuned": str(root / "fine")}
+
+
+def test_merged_unet_is_cached_once_and_keyed_on_the_models(tmp_path, tiny_instaflow_path, backend, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tiny_instaflow import tiny_unet
+
+    spec, cache = _delta_folders(tmp_path), str(tmp_path / "cache")
+    kw = dict(device="cpu", dtype="fp32", unet_delta=spec, merge_cache=cache)
+    first = InstaFlowBackend(tiny_instaflow_path, **kw)
+    files = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob(".tmp-*"))
+    inst, sb, sf = backend.unet.state_dict(), tiny_unet(seed=1).state_dict(), tiny_unet(seed=2).state_dict()
+    stored = load_file(str(tmp_path / "cache" / files[0]))
+    for k, w in first.unet.state_dict().items():
+        assert torch.equal(w, inst[k] + (sf[k] - sb[k])) and torch.equal(stored[k], w), k
+
+    def no_reads(*a, **k):
+        raise AssertionError("the base and fine-tuned UNets were read despite a cached merge")
+
+    monkeypatch.setattr(InstaFlowBackend, "_load_delta", staticmethod(no_reads))
+    again = InstaFlowBackend(tiny_instaflow_path, **kw)  # from the cache: no base / fine-tune read
+    assert all(torch.equal(w, first.unet.state_dict()[k]) for k, w in again.unet.state_dict().items())
+    with pytest.raises(AssertionError, match="were read"):  # another α is another merge
+        InstaFlowBackend(tiny_instaflow_path, **{**kw, "unet_delta": {**spec, "alpha": 0.5}})
+    monkeypatch.undo()
+    # a rebuilt fine-tune (new files) is a new key, never the stale merge
+    tiny_unet(seed=5).save_pretrained(str(tmp_path / "fine" / "unet"))
+    new = InstaFlowBackend(tiny_instaflow_path, **kw)
+    s5 = tiny_unet(seed=5).state_dict()
+    assert torch.equal(new.unet.conv_in.weight, inst["conv_in.weight"] + (s5["conv_in.weight"] - sb["conv_in.weight"]))
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    # True = $RFDS_CACHE_DIR/merged-unets; False writes nothing; a bad value names what is allowed
+    monkeypatch.setenv("RFDS_CACHE_DIR", str(tmp_path / "default"))
+    InstaFlowBackend(tiny_instaflow_path, device="cpu", dtype="fp32", unet_delta=spec, merge_cache=False)
+    assert not (tmp_path / "default").exists()
+    InstaFlowBackend(tiny_instaflow_path, device="cpu", dtype="fp32", unet_delta=spec)
+    assert len(list((tmp_path / "default" / "merged-unets").glob("*.safetensors"))) == 1
+    with pytest.raises(ValueError, match="merge_cache must be true, false or a folder path, got 3"):
+        InstaFlowBackend(tiny_instaflow_path, device="cpu", unet_delta=spec, merge_cache=3)

@@ -251,11 +251,41 @@ def test_reference_aliases_use_reference_semantics(ts, tiny_sd3_path, tiny_insta
 
     lo, hi = flow.shift_time(torch.tensor([0.02, 0.70]), 3.0)
     assert lo - 1e-5 <= t.min() and t.max() <= hi + 1e-5
-    rev = guidance(ts, "RFDS-Rev", tiny_instaflow_path, latent_size=[64, 64])
+    rev = guidance(ts, "RFDS-Rev", tiny_instaflow_path, latent_size=[64, 64], unet_delta=None, vae_path=None)
     assert rev.backend.convention.reversed_timestep
     cfg = {"pretrained_model_name_or_path": tiny_instaflow_path, "prompt": "a dog", "spawn": False}
     out = rev(torch.rand(4, 32, 32, 3), ts.find("rfds-instaflow-prompt-processor")(cfg)(), **batch)
     assert "loss_rfds_rev" in out  # the reference's configs weight it by lambda_rfds_rev
+
+
+@pytest.mark.parametrize("alias", ["RFDS", "RFDS-Rev"])
+def test_instaflow_aliases_use_the_papers_prior(ts, tiny_instaflow_path, tmp_path, alias):
+    """The paper's InstaFlow guidances merge (Lykon/absolute-reality-1.81 − SD1.5) into the UNet and use
+    that model's VAE: the aliases default to it (here pointed at tiny saved "SD1.5" / "fine-tune"
+    folders), cache the merge, and ``unet_delta: null, vae_path: null`` gives plain InstaFlow."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from test_instaflow_backend import _delta_folders
+    from threestudio_rfds.backends.instaflow import REFERENCE_DELTA
+
+    cls = ts.find(alias)
+    defaults = cls.Config()
+    assert defaults.unet_delta == REFERENCE_DELTA == {"base": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                                      "finetuned": "Lykon/absolute-reality-1.81"}
+    assert defaults.vae_path == "Lykon/absolute-reality-1.81" and defaults.merge_cache is True
+    spec = _delta_folders(tmp_path)
+    g = guidance(ts, alias, tiny_instaflow_path, unet_delta=spec, vae_path=spec["finetuned"],
+                 merge_cache=str(tmp_path / "cache"))
+    load = lambda cls_, path, sub: cls_.from_pretrained(path, subfolder=sub).state_dict()  # noqa: E731
+    inst, base, fine = (load(UNet2DConditionModel, p, "unet") for p in (tiny_instaflow_path, spec["base"], spec["finetuned"]))
+    for k, w in g.backend.unet.state_dict().items():
+        assert torch.equal(w, inst[k] + (fine[k] - base[k])), k
+    assert not torch.equal(g.backend.unet.conv_in.weight, inst["conv_in.weight"])
+    fine_vae = load(AutoencoderKL, spec["finetuned"], "vae")
+    assert all(torch.equal(w, fine_vae[k]) for k, w in g.backend.vae.state_dict().items())
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    plain = guidance(ts, alias, tiny_instaflow_path, unet_delta=None, vae_path=None)
+    assert all(torch.equal(w, inst[k]) for k, w in plain.backend.unet.state_dict().items())
 
 
 @pytest.mark.parametrize("kind", ["rfds-sd3-guidance", "rfds-rev-instaflow-guidance"])

@@ -10,7 +10,7 @@ prompt_utils, elevation, azimuth, camera_distances, rgb_as_latents=False, guidan
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import rfds as core
 from ..backends import backend_class
+from ..backends.instaflow import REFERENCE_DELTA
 from ..checks import check_choice, check_number, check_positive, check_range
 from ..protocol import Cond, cfg_velocity
 from .compat import adapter_device, require_threestudio
@@ -313,6 +314,8 @@ class RFDSInstaFlowGuidance(RFDSGuidanceBase):
         # since-removed runwayml repo), finetuned: Lykon/absolute-reality-1.81}; null = plain InstaFlow
         unet_delta: Optional[Dict[str, Any]] = None
         vae_path: Optional[str] = None
+        # the merged UNet is cached on disk (true: $RFDS_CACHE_DIR or ~/.cache/threestudio_rfds), a folder, or false
+        merge_cache: Any = True
 
     cfg: Config
 
@@ -321,7 +324,7 @@ class RFDSInstaFlowGuidance(RFDSGuidanceBase):
         if kw["latent_size"] is None:
             kw.pop("latent_size")
         delta = None if self.cfg.unet_delta is None else dict(self.cfg.unet_delta)
-        return {**kw, "unet_delta": delta, "vae_path": self.cfg.vae_path}
+        return {**kw, "unet_delta": delta, "vae_path": self.cfg.vae_path, "merge_cache": self.cfg.merge_cache}
 
 
 class RFDSRevInstaFlowGuidance(_RevMixin, RFDSInstaFlowGuidance):
@@ -336,24 +339,36 @@ class RFDSRevInstaFlowGuidance(_RevMixin, RFDSInstaFlowGuidance):
 
 
 # ---------------------------------------------------------------------- reference-config aliases
+# Batch size (docs/math.md §3.4): with batch_scaling "per-sample" (default) the RFDS gradient at batch B
+# is B × the paper code's.  Under the paper's AdamW (eps 1e-15, scale-invariant) the step size is the
+# same at every B, but RFDS weighs B × more against the other losses: the same run as the paper's with
+# lambda_rfds × B (B = 1: identical; 2: × 2; 4: × 4), or, for plain SGD, an effective learning rate
+# of B × lr on the RFDS term.  batch_scaling: reference reproduces the paper's scaling exactly.
 class ReferenceRFDSInstaFlowGuidance(RFDSInstaFlowGuidance):
-    """``RFDS`` of the paper's code: its step percents and timestep use (time_convention "reference")."""
+    """``RFDS`` of the paper's code: its step percents and timestep use (time_convention "reference")
+    and its prior: InstaFlow + (Lykon/absolute-reality-1.81 − SD1.5) with that model's VAE (merged once
+    and cached, ``merge_cache``); ``unet_delta: null, vae_path: null`` for plain InstaFlow."""
 
     @dataclass
     class Config(RFDSInstaFlowGuidance.Config):
         time_convention: str = "reference"
+        unet_delta: Optional[Dict[str, Any]] = field(default_factory=lambda: dict(REFERENCE_DELTA))
+        vae_path: Optional[str] = REFERENCE_DELTA["finetuned"]
 
     cfg: Config
 
 
 class ReferenceRFDSRevInstaFlowGuidance(RFDSRevInstaFlowGuidance):
-    """``RFDS-Rev`` of the paper's code (returns ``loss_rfds_rev`` as its configs expect)."""
+    """``RFDS-Rev`` of the paper's code (returns ``loss_rfds_rev`` as its configs expect), with the
+    paper's prior as ``RFDS``."""
 
     loss_key = "rfds_rev"
 
     @dataclass
     class Config(RFDSRevInstaFlowGuidance.Config):
         time_convention: str = "reference"
+        unet_delta: Optional[Dict[str, Any]] = field(default_factory=lambda: dict(REFERENCE_DELTA))
+        vae_path: Optional[str] = REFERENCE_DELTA["finetuned"]
 
     cfg: Config
 

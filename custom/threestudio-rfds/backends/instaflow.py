@@ -7,6 +7,9 @@ t with the timestep of 1 − t (docs/backends.md).  Latents are SD1.5's: 4 chann
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
+import os
 from types import SimpleNamespace
 from typing import Dict, Optional, Tuple, Union
 
@@ -53,6 +56,80 @@ def merge_unet_delta(unet: torch.nn.Module, delta: Dict[str, Tensor], alpha: flo
     return unet
 
 
+# ---------------------------------------------------------------- merge cache
+MERGE_CACHE_FORMAT = 1
+
+
+def default_merge_cache_dir() -> str:
+    """``$RFDS_CACHE_DIR/merged-unets``, else ``~/.cache/threestudio_rfds/merged-unets``."""
+    root = os.environ.get("RFDS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "threestudio_rfds")
+    return os.path.join(root, "merged-unets")
+
+
+def resolve_merge_cache(merge_cache) -> Optional[str]:
+    """True → the default folder, False/None → no cache, a non-empty string → that folder."""
+    if merge_cache is None or merge_cache is False:
+        return None
+    if merge_cache is True:
+        return default_merge_cache_dir()
+    if isinstance(merge_cache, str) and merge_cache:
+        return os.path.abspath(os.path.expanduser(merge_cache))
+    raise ValueError(f"merge_cache must be true, false or a folder path, got {merge_cache!r}")
+
+
+def unet_identity(path: str, revision: Optional[str] = None) -> Optional[dict]:
+    """What identifies the UNet weights of ``path``: a local folder by (file, size, mtime) of its
+    ``unet/`` files (the text cache's fingerprint); a hub id by the commit that its locally cached
+    ``unet/config.json`` resolves to for ``revision`` (None while it is not in the local cache)."""
+    if os.path.isdir(path):
+        from ..text.cache import model_fingerprint
+
+        return {"folder": os.path.abspath(path), "files": model_fingerprint(path, ("unet",))}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(path, "unet/config.json", revision=revision)
+    except Exception:  # an id the hub client rejects: not cacheable
+        return None
+    if not isinstance(found, str):
+        return None
+    return {"repo": path, "commit": os.path.basename(os.path.dirname(os.path.dirname(found)))}
+
+
+def merge_cache_key(instaflow: Optional[dict], base: Optional[dict], finetuned: Optional[dict],
+                    alpha: float) -> Optional[str]:
+    """sha256 of the three models' identities and α; None when one of them has no identity."""
+    if instaflow is None or base is None or finetuned is None:
+        return None
+    entry = {"format": MERGE_CACHE_FORMAT, "instaflow": instaflow, "base": base, "finetuned": finetuned,
+             "alpha": float(alpha)}
+    return hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_merged_unet_state(cache_dir: str, key: str) -> Optional[Dict[str, Tensor]]:
+    """The cached merged UNet weights, or None when absent or unreadable (a miss)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.path.join(cache_dir, key + ".safetensors"))
+    except FileNotFoundError:
+        return None
+    except Exception:  # truncated/corrupt: recompute
+        return None
+
+
+def save_merged_unet_state(cache_dir: str, key: str, unet: torch.nn.Module, entry: str = "") -> str:
+    """Write the merged weights atomically (temporary file + os.replace, atomic.atomic_write)."""
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_write
+
+    os.makedirs(cache_dir, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    return atomic_write(os.path.join(cache_dir, key + ".safetensors"),
+                        lambda tmp: save_file(state, tmp, metadata={"entry": entry}))
+
+
 def _check_delta_spec(spec) -> None:
     if not isinstance(spec, dict) or not {"base", "finetuned"} <= set(spec) or set(spec) - {"base", "finetuned", "alpha"}:
         raise ValueError(
@@ -75,6 +152,9 @@ class InstaFlowBackend:
             encode them at their own size ("native", multiples of 8).
         unet_delta: opt-in ``{"base", "finetuned"[, "alpha"]}``: W += α·(W_finetuned − W_base) (reference:
             :data:`REFERENCE_DELTA`); both UNets are fetched only when named here.
+        merge_cache: where the merged UNet is cached (the merge reads two more full UNets): True = the
+            default folder (:func:`default_merge_cache_dir`), a folder path, or False (always merge).
+            Keyed on the identities of the three models (:func:`unet_identity`) and α.
         vae_path, vae_subfolder: take the VAE from another model (the reference uses the fine-tune's).
         compile: ``torch.compile`` the UNet in place (True or "max-autotune-no-cudagraphs"; docs/performance.md).
         vae_channels_last: channels-last VAE (off: no measured gain on an H100, docs/performance.md).
@@ -100,9 +180,11 @@ class InstaFlowBackend:
         compile: Union[bool, str] = False,
         vae_channels_last: bool = False,
         vae_checkpointing: bool = False,
+        merge_cache: Union[bool, str, None] = True,
     ):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
+        cache_dir = resolve_merge_cache(merge_cache)
         if unet_delta is not None:
             _check_delta_spec(unet_delta)
         dev = resolve_device(device)
@@ -112,7 +194,7 @@ class InstaFlowBackend:
         # the delta is added in fp32, then the merged UNet is cast to dt
         unet = load_component(UNet2DConditionModel, path, "unet", torch_dtype=torch.float32 if unet_delta else dt, **kw)
         if unet_delta:
-            merge_unet_delta(unet, *self._load_delta(unet_delta, local_files_only))
+            self._merge(unet, unet_delta, path, revision, local_files_only, cache_dir)
         vae = load_component(AutoencoderKL, vae_path or path, vae_subfolder if vae_path else "vae", torch_dtype=dt, **kw)
         self._setup(unet, vae, dev, dt, time_convention, latent_rule, latent_size, name=path,
                     compile=compile, vae_channels_last=vae_channels_last, vae_checkpointing=vae_checkpointing)
@@ -137,6 +219,36 @@ class InstaFlowBackend:
         self._setup(unet, vae, p.device, p.dtype, time_convention, latent_rule, latent_size, name=model_id,
                     compile=compile, vae_channels_last=vae_channels_last, vae_checkpointing=vae_checkpointing)
         return self
+
+    @classmethod
+    def _merge(cls, unet, spec: dict, path: str, revision, local_files_only, cache_dir: Optional[str]) -> None:
+        """unet ← unet + α·(finetuned − base), from the merge cache when it has this merge."""
+        alpha = float(spec.get("alpha", 1.0))
+
+        def key():
+            return merge_cache_key(unet_identity(path, revision), unet_identity(spec["base"]),
+                                   unet_identity(spec["finetuned"]), alpha)
+
+        if cache_dir is None:
+            merge_unet_delta(unet, *cls._load_delta(spec, local_files_only))
+            return
+        from filelock import FileLock
+
+        os.makedirs(cache_dir, exist_ok=True)
+        with FileLock(os.path.join(cache_dir, ".lock"), timeout=3600):  # concurrent runs merge once
+            k = key()
+            cached = load_merged_unet_state(cache_dir, k) if k is not None else None
+            if cached is not None:
+                try:
+                    unet.load_state_dict(cached, strict=True)
+                    return
+                except RuntimeError:  # another layout under the same key: recompute and replace
+                    pass
+            merge_unet_delta(unet, *cls._load_delta(spec, local_files_only))
+            k = k or key()  # hub models are identifiable once downloaded
+            if k is not None:
+                save_merged_unet_state(cache_dir, k, unet, entry=json.dumps(
+                    {"instaflow": path, "base": spec["base"], "finetuned": spec["finetuned"], "alpha": alpha}))
 
     @staticmethod
     def _load_delta(spec: dict, local_files_only: Optional[bool]):
