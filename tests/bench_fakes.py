@@ -5,7 +5,8 @@ test renders in threestudio's layout ``<exp_root_dir>/<name>/<tag>/save/it<N>-te
 The fake's behaviour is steered by the prompt: ``FAIL`` → exits 1 after printing an error;
 ``KILL`` → if the file ``kill-flag`` exists in the checkout, deletes it and SIGKILLs its parent
 (the benchmark runner), simulating a crash mid-benchmark; ``SLOW`` → if ``slow-flag`` exists, deletes it,
-creates ``sleeping`` and sleeps (for Ctrl-C tests).  With ``$FAKE_STEP_S`` set it sleeps that long per
+creates ``sleeping`` and sleeps (for Ctrl-C tests); ``STUBBORN`` → ignores SIGINT, creates ``sleeping``
+and sleeps 60 s.  With ``$FAKE_STEP_S`` set it sleeps that long per
 training step, printing a tqdm-like progress bar.  Every call is appended to ``calls.jsonl`` with its
 pid, ``$CUDA_VISIBLE_DEVICES`` and ``live_twins``: pids of earlier launches of the same run still alive
 when it started (must stay empty: never two live copies of one run).
@@ -63,6 +64,11 @@ FAKE_LAUNCH = textwrap.dedent(
         open(os.path.join(here, "sleeping"), "w").close()
         import time
         time.sleep(120)
+    if "STUBBORN" in prompt:  # ignores SIGINT, like a launch stuck in a CUDA call
+        import time
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        open(os.path.join(here, "sleeping"), "w").close()
+        time.sleep(60)
     flag = os.path.join(here, "kill-flag")
     if "KILL" in prompt and os.path.exists(flag):
         os.remove(flag)

@@ -102,6 +102,23 @@ def test_runner_killed_during_fanout_then_resumed(fake, tmp_path, sig):
         assert statuses.count("started") == (2 if rid in cut else 1)
 
 
+def test_second_signal_skips_the_grace_period(fake, tmp_path):
+    ts, out = fake
+    suite = write_suite(str(tmp_path / "s.yaml"), ["STUBBORN one"])
+    cmd = [sys.executable, "-m", "threestudio_rfds.bench.cli", "run", suite, "--threestudio", ts, "--out", out]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: os.path.exists(os.path.join(ts, "sleeping")))
+    p.send_signal(signal.SIGTERM)  # the child ignores the SIGINT it is sent: the runner would wait 10 s
+    time.sleep(0.5)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=30)
+    assert p.returncode == 128 + signal.SIGTERM and time.time() - t0 < 5
+    assert not _alive(calls(ts)[0]["pid"])
+    (rec,) = Ledger(os.path.join(out, "ledger.jsonl")).state().values()
+    assert rec["status"] == "interrupted" and rec["reason"] == "SIGTERM"
+
+
 def test_two_runners_share_a_results_folder(fake, tmp_path):
     ts, out = fake
     suite = write_suite(str(tmp_path / "s.yaml"), [f"p{i}" for i in range(6)], overrides=["trainer.max_steps=5"])

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 PR_SET_PDEATHSIG = 1
 
@@ -62,14 +62,15 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def stop_all(procs: Iterable[subprocess.Popen], grace: float) -> None:
-    """SIGINT to every group (Lightning shuts down cleanly), SIGKILL what is left after ``grace`` s."""
+def stop_all(procs: Iterable[subprocess.Popen], grace: float, hurry: Callable[[], bool] = lambda: False) -> None:
+    """SIGINT to every group (Lightning shuts down cleanly), SIGKILL what is left after ``grace`` s
+    (or as soon as ``hurry()``)."""
     procs = list(procs)
     for p in procs:
         if p.poll() is None:
             signal_group(p, signal.SIGINT)
     deadline = time.monotonic() + grace
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline and not hurry():
         time.sleep(0.05)
     for p in procs:
         signal_group(p, signal.SIGKILL)  # also any grandchild that outlived the child

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -164,6 +165,8 @@ def run_suite(
     python = python or sys.executable
     threestudio = os.path.abspath(threestudio)
     out_dir = os.path.abspath(out_dir)  # the child runs in the threestudio checkout
+    if not (shutil.which(python) or (os.path.isfile(python) and os.access(python, os.X_OK))):
+        raise SuiteError(f"--python {python!r} is not an executable; pass the threestudio environment's python")
     if not os.path.isfile(os.path.join(threestudio, "launch.py")):
         raise SuiteError(f"--threestudio {threestudio!r} has no launch.py; pass the threestudio checkout")
     if executor == "local":

@@ -194,98 +194,133 @@ class _Progress:
         self.log("\n".join(lines))
 
 
-def execute(runs: List[Run], spec: RunSpec, slots: List[Slot], *, log: Callable[[str], None] = print,
-            handle_signals: bool = True, progress_every: float = 60.0,
-            owner: Optional[Owner] = None) -> Dict[str, int]:
-    """Run ``runs`` over ``slots``; returns counts {planned, done, failed, skipped, failed_earlier,
-    running_elsewhere}.  Raises :class:`procs.Interrupted` (children stopped and recorded) on a signal."""
-    from .runner import build_command, run_paths
+_AGAIN = {"started": " (rerun: the runner of its earlier attempt is gone)",
+          "interrupted": " (rerun after an interruption)", "failed": " (retry of a failed run)"}
 
-    owner = owner or me()
-    INTERRUPT_REASON.clear()
-    ledger = Ledger(os.path.join(spec.out_dir, "ledger.jsonl"))
-    hb = Heartbeat(spec.out_dir, owner)
-    hb.beat(force=True)
-    groups = classify(ledger, runs, spec, hb)
-    counts = {"planned": len(runs), "done": 0, "failed": 0, "interrupted": 0, "skipped": len(groups["done"]),
-              "failed_earlier": len(groups["failed"]), "running_elsewhere": len(groups["running"])}
-    queue: Deque[Run] = deque(groups["todo"])
-    free: List[Slot] = list(slots)
-    active: List[_Active] = []
-    pending: Optional[_Active] = None
-    prog = _Progress(len(queue), len(slots), log, progress_every)
-    try:
-        with procs.signals_to_exceptions(handle_signals):
-            while queue or active:
-                while free and queue:
-                    run, slot = queue.popleft(), free[0]
-                    p = run_paths(spec.out_dir, run)
-                    info = {"config": run.config.label, "config_path": run.config.path, "prompt": run.prompt,
-                            "prompt_index": run.prompt_index, "seed": run.seed,
-                            "trial_dir": os.path.relpath(p.trial_dir, spec.out_dir),
-                            "log": os.path.relpath(p.log, spec.out_dir), "gpu": slot.label, "host": owner.host,
-                            "owner": owner.to_dict(), "session": owner.session, "start_time": time.time(),
-                            "cmd": build_command(run, spec.suite, spec.out_dir, spec.threestudio, spec.python,
-                                                 slot.launch_gpu, spec.extra_overrides)}
-                    ok, why = claim(ledger, run, spec, hb, info)
-                    if not ok:
-                        key = {"done": "skipped", "failed": "failed_earlier"}.get(why, "running_elsewhere")
-                        counts[key] += 1
-                        prog.total -= 1
-                        log(f"{run.run_id}: {why} elsewhere meanwhile, not started")
-                        continue
-                    info["log_abs"] = p.log
-                    pending = _Active(run, slot, info)
-                    _start(pending, spec)
-                    active.append(pending)
-                    free.pop(0)
-                    pending = None
-                    again = {"started": " (rerun: the runner of its earlier attempt is gone)",
-                             "interrupted": " (rerun after an interruption)", "failed": " (retry of a failed run)"}.get(why, "")
-                    log(f"[{prog.done + prog.failed + len(active)}/{prog.total}] {slot.label}: {run.run_id} started{again}")
-                now = time.monotonic()
-                for a in list(active):
-                    rc = a.proc.poll()
-                    if rc is None:
-                        if spec.timeout is not None and a.kill_at is None and now - a.t0 > spec.timeout:
-                            a.error = f"timed out after {fmt_duration(spec.timeout)}"
-                            procs.signal_group(a.proc, procs.signal.SIGINT)
-                            a.kill_at = now + spec.grace
-                        elif a.kill_at is not None and now > a.kill_at:
-                            procs.signal_group(a.proc, procs.signal.SIGKILL)
-                        continue
-                    procs.signal_group(a.proc, procs.signal.SIGKILL)  # leftovers of its group
-                    a.info.pop("log_abs", None)
-                    rec = _finish(a, rc, spec, ledger)
-                    active.remove(a)
-                    free.append(a.slot)
-                    counts[rec["status"]] += 1
-                    prog.walls.append(rec["wall_time_s"])
-                    if rec["status"] == "interrupted":
-                        log(f"{a.run.run_id} interrupted on {a.slot.label}: {rec['reason']}; the next run reruns it")
-                    elif rec["status"] == "done":
-                        prog.done += 1
-                        log(f"[{prog.done + prog.failed}/{prog.total} finished] {a.run.run_id} done on {a.slot.label} "
-                            f"in {fmt_duration(rec['wall_time_s'])}, {rec['n_renders']} test renders")
-                    else:
-                        prog.failed += 1
-                        log(f"[{prog.done + prog.failed}/{prog.total} finished] {a.run.run_id} FAILED on {a.slot.label} "
-                            f"after {fmt_duration(rec['wall_time_s'])}: {rec['error']} (log: {rec['log']})")
-                    prog.maybe_report(len(queue), active, force=False)
-                hb.beat()
-                prog.maybe_report(len(queue), active)
-                if active:
-                    time.sleep(POLL_S)
-    except BaseException as e:
-        cut = active + ([pending] if pending is not None and pending not in active else [])
-        procs.stop_all([a.proc for a in cut if a.proc is not None], spec.grace)
-        reason = e.args[0] if isinstance(e, procs.Interrupted) else INTERRUPT_REASON.get("why", type(e).__name__)
+
+class _Loop:
+    """The state of one :func:`execute`: queue, free slots, running children, counts."""
+
+    def __init__(self, runs: List[Run], spec: RunSpec, slots: List[Slot], log: Callable[[str], None],
+                 progress_every: float, owner: Owner):
+        self.spec, self.log, self.owner = spec, log, owner
+        self.ledger = Ledger(os.path.join(spec.out_dir, "ledger.jsonl"))
+        self.hb = Heartbeat(spec.out_dir, owner)
+        self.hb.beat(force=True)
+        groups = classify(self.ledger, runs, spec, self.hb)
+        self.counts = {"planned": len(runs), "done": 0, "failed": 0, "interrupted": 0,
+                       "skipped": len(groups["done"]), "failed_earlier": len(groups["failed"]),
+                       "running_elsewhere": len(groups["running"])}
+        self.queue: Deque[Run] = deque(groups["todo"])
+        self.free: List[Slot] = list(slots)
+        self.active: List[_Active] = []
+        self.pending: Optional[_Active] = None  # claimed, being spawned
+        self.prog = _Progress(len(self.queue), len(slots), log, progress_every)
+
+    def _info(self, run: Run, slot: Slot) -> Dict[str, Any]:
+        from .runner import build_command, run_paths
+
+        p, o, spec = run_paths(self.spec.out_dir, run), self.owner, self.spec
+        return {"config": run.config.label, "config_path": run.config.path, "prompt": run.prompt,
+                "prompt_index": run.prompt_index, "seed": run.seed,
+                "trial_dir": os.path.relpath(p.trial_dir, spec.out_dir), "log": os.path.relpath(p.log, spec.out_dir),
+                "gpu": slot.label, "host": o.host, "owner": o.to_dict(), "session": o.session,
+                "start_time": time.time(),
+                "cmd": build_command(run, spec.suite, spec.out_dir, spec.threestudio, spec.python, slot.launch_gpu,
+                                     spec.extra_overrides)}
+
+    def fill(self) -> None:
+        """Start queued runs on free slots (each claimed first; one taken meanwhile is passed over)."""
+        while self.free and self.queue:
+            run, slot = self.queue.popleft(), self.free[0]
+            info = self._info(run, slot)
+            ok, why = claim(self.ledger, run, self.spec, self.hb, info)
+            if not ok:
+                self.counts[{"done": "skipped", "failed": "failed_earlier"}.get(why, "running_elsewhere")] += 1
+                self.prog.total -= 1
+                self.log(f"{run.run_id}: {why} elsewhere meanwhile, not started")
+                continue
+            info["log_abs"] = os.path.join(self.spec.out_dir, info["log"])
+            self.pending = _Active(run, slot, info)
+            _start(self.pending, self.spec)
+            self.active.append(self.pending)
+            self.free.pop(0)
+            self.pending = None
+            n = self.prog.done + self.prog.failed + len(self.active)
+            self.log(f"[{n}/{self.prog.total}] {slot.label}: {run.run_id} started{_AGAIN.get(why, '')}")
+
+    def reap(self) -> None:
+        """Record children that ended; stop those past the timeout (SIGINT, SIGKILL after the grace)."""
+        now, spec = time.monotonic(), self.spec
+        for a in list(self.active):
+            rc = a.proc.poll()
+            if rc is None:
+                if spec.timeout is not None and a.kill_at is None and now - a.t0 > spec.timeout:
+                    a.error = f"timed out after {fmt_duration(spec.timeout)}"
+                    procs.signal_group(a.proc, procs.signal.SIGINT)
+                    a.kill_at = now + spec.grace
+                elif a.kill_at is not None and now > a.kill_at:
+                    procs.signal_group(a.proc, procs.signal.SIGKILL)
+                continue
+            procs.signal_group(a.proc, procs.signal.SIGKILL)  # leftovers of its group
+            a.info.pop("log_abs", None)
+            rec = _finish(a, rc, spec, self.ledger)
+            self.active.remove(a)
+            self.free.append(a.slot)
+            self.counts[rec["status"]] += 1
+            self.prog.walls.append(rec["wall_time_s"])
+            where = f"{a.run.run_id} {{}} on {a.slot.label}"
+            if rec["status"] == "interrupted":
+                self.log(where.format("interrupted") + f": {rec['reason']}; the next run reruns it")
+                continue
+            self.prog.done += rec["status"] == "done"
+            self.prog.failed += rec["status"] == "failed"
+            head = f"[{self.prog.done + self.prog.failed}/{self.prog.total} finished] "
+            if rec["status"] == "done":
+                self.log(head + where.format("done") + f" in {fmt_duration(rec['wall_time_s'])}, "
+                         f"{rec['n_renders']} test renders")
+            else:
+                self.log(head + where.format("FAILED") + f" after {fmt_duration(rec['wall_time_s'])}: "
+                         f"{rec['error']} (log: {rec['log']})")
+
+    def cut(self, reason: str, hurry: Callable[[], bool]) -> None:
+        """Stop every child and record it ``interrupted``."""
+        cut = self.active + ([self.pending] if self.pending is not None and self.pending not in self.active else [])
+        procs.stop_all([a.proc for a in cut if a.proc is not None], self.spec.grace, hurry)
         for a in cut:
             a.info.pop("log_abs", None)
             wall = time.monotonic() - a.t0 if a.t0 else 0.0
-            ledger.append(a.run.run_id, "interrupted", reason=str(reason), wall_time_s=wall, end_time=time.time(),
-                          **a.info)
-        raise
+            self.ledger.append(a.run.run_id, "interrupted", reason=reason, wall_time_s=wall, end_time=time.time(),
+                               **a.info)
+        self.active, self.pending = [], None
+
+    def run(self) -> None:
+        while self.queue or self.active:
+            self.fill()
+            self.reap()
+            self.hb.beat()
+            self.prog.maybe_report(len(self.queue), self.active)
+            if self.active:
+                time.sleep(POLL_S)
+
+
+def execute(runs: List[Run], spec: RunSpec, slots: List[Slot], *, log: Callable[[str], None] = print,
+            handle_signals: bool = True, progress_every: float = 60.0,
+            owner: Optional[Owner] = None) -> Dict[str, int]:
+    """Run ``runs`` over ``slots``; returns counts {planned, done, failed, interrupted, skipped,
+    failed_earlier, running_elsewhere}.  On SIGTERM/SIGINT/SIGHUP (``handle_signals``) or any exception,
+    every child is stopped and recorded ``interrupted`` before the exception (:class:`procs.Interrupted`)
+    propagates; a second signal meanwhile skips the grace period."""
+    INTERRUPT_REASON.clear()
+    loop = _Loop(runs, spec, slots, log, progress_every, owner or me())
+    try:
+        with procs.signals_to_exceptions(handle_signals) as sig:
+            try:
+                loop.run()
+            except BaseException as e:
+                reason = e.args[0] if isinstance(e, procs.Interrupted) else INTERRUPT_REASON.get("why", type(e).__name__)
+                loop.cut(str(reason), hurry=lambda: sig["again"] is not None)
+                raise
     finally:
-        hb.remove()
-    return counts
+        loop.hb.remove()
+    return loop.counts
