@@ -82,3 +82,33 @@ def test_bad_cases_rejected(capsys):
     with pytest.raises(SystemExit):
         gs.main(["--tiny", "--cases", "sd4-rfds"])
     assert "sd4-rfds" in capsys.readouterr().err
+
+
+def test_warmup_resolutions_and_profile(capsys, tmp_path):
+    prof = tmp_path / "profile.txt"
+    gs.main(["--tiny", "--cases", "sd3-rfds-rev", "--steps", "1", "--warmup", "1", "--warmup-resolutions", "32",
+             "--profile", str(prof), "--label", "w"])
+    (r,) = _lines(capsys)
+    assert set(r["warmup_s"]) == {"32", "64"} and all(v >= 0 for v in r["warmup_s"].values())
+    text = prof.read_text()
+    assert text.startswith("## sd3-rfds-rev w") and "Self CPU" in text
+
+
+def test_fp8_is_reported_as_skipped_where_unavailable(capsys):
+    gs.main(["--tiny", "--cases", "sd3-rfds", "--steps", "1", "--warmup", "0", "--fp8"])
+    (r,) = _lines(capsys)  # the CPU: no float8 matmuls (and no torchao in the test environment)
+    assert r["model"] == "sd3-medium" and r["skipped"]
+
+
+def test_cuda_graphs_wraps_the_denoiser(monkeypatch):
+    from threestudio_rfds.steptime.levers import GraphedDenoiser
+
+    built = []
+    real_build = gs.build
+    monkeypatch.setattr(gs, "build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    monkeypatch.setattr(gs, "run_case", lambda *a, **k: {})
+    gs.run(gs.parse_args(["--tiny", "--cases", "instaflow-rfds", "--cuda-graphs"]))
+    (backend, _, _), = built
+    assert isinstance(backend.unet, GraphedDenoiser) and backend.unet.config.in_channels == 4
+    with pytest.raises(SystemExit):
+        gs.parse_args(["--tiny", "--cuda-graphs", "--compile"])

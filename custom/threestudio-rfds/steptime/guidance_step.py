@@ -5,7 +5,10 @@ Models are SD3-medium-sized and SD1.5(InstaFlow)-sized with random weights built
 (no download; speed and memory do not depend on the weights).  Prompt embeddings are random with
 the real shapes: SD3 [1, 77+256, 4096] + [1, 2048], InstaFlow [1, 77, 768].  One JSON line per case:
 {"case", "algorithm", "model", "median_ms", "min_ms", "peak_mem_gib", "dtype", "device_name",
-"resolution", "steps", ...}.  ``--tiny`` runs tiny configs on the CPU in seconds (for tests).
+"resolution", "steps", "warmup_s", ...}.  ``--tiny`` runs tiny configs on the CPU in seconds (for tests).
+Levers under measurement (:mod:`.levers`): ``--cuda-graphs``, ``--fp8``, ``--compile-vae``;
+``--warmup-resolutions`` times the compile warm-up of each resolution milestone; ``--profile``
+appends a per-kernel table per case to a file.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from ..backends.base import maybe_compile, resolve_dtype
 from ..rfds import rfds, rfds_rev
+from .levers import GraphedDenoiser, fp8_quantize, profile_steps, relative_error, velocity_probe
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
@@ -92,6 +96,28 @@ def denoiser(backend) -> torch.nn.Module:
     return backend.transformer if hasattr(backend, "transformer") else backend.unet
 
 
+def set_denoiser(backend, module: torch.nn.Module) -> None:
+    setattr(backend, "transformer" if hasattr(backend, "transformer") else "unet", module)
+
+
+def apply_levers(backend, cond, args: argparse.Namespace) -> Dict:
+    """FP8, then compile or CUDA graphs, on the denoiser; the compile of the VAE encoder.  Returns
+    what was applied; ``{"skipped": why}`` when a requested lever is unavailable here."""
+    applied: Dict = {}
+    if args.fp8:
+        ref = velocity_probe(backend, cond, args.resolution)
+        why = fp8_quantize(denoiser(backend))
+        if why:
+            return {"skipped": why}
+        applied["fp8_velocity_rel_err"] = round(relative_error(velocity_probe(backend, cond, args.resolution), ref), 5)
+    if args.cuda_graphs:
+        set_denoiser(backend, GraphedDenoiser(denoiser(backend)))
+    else:
+        maybe_compile(denoiser(backend), args.compile)
+    maybe_compile(backend.vae.encoder, args.compile_vae)
+    return applied
+
+
 PHASES = ("encode", "flow", "backward")
 
 
@@ -143,16 +169,30 @@ def time_steps(fn, steps: int, device: torch.device) -> List[List[float]]:
     return times
 
 
+def _wall_s(fn, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return round(time.perf_counter() - t0, 2)
+
+
 def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: torch.device,
-             dtype: torch.dtype) -> Dict:
-    rgb = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device, requires_grad=True)
+             dtype: torch.dtype, levers: Optional[Dict] = None) -> Dict:
+    def make_step(resolution: int):
+        rgb = torch.rand(args.batch, 3, resolution, resolution, device=device, requires_grad=True)
 
-    def step(mark=lambda: None):
-        return guidance_step(backend, algorithm, rgb, cond, uncond, args.guidance_scale, args.cfg_mode == "batched",
-                             mark)
+        def step(mark=lambda: None):
+            return guidance_step(backend, algorithm, rgb, cond, uncond, args.guidance_scale,
+                                 args.cfg_mode == "batched", mark)
+        return rgb, step
 
-    for _ in range(args.warmup):
-        step()
+    warmup_s = {}  # wall seconds of the warm-up at each resolution milestone (compilation of each shape)
+    for res in args.warmup_resolutions:
+        _, early = make_step(res)
+        warmup_s[str(res)] = _wall_s(lambda: [early() for _ in range(max(1, args.warmup))], device)
+    rgb, step = make_step(args.resolution)
+    warmup_s[str(args.resolution)] = _wall_s(lambda: [step() for _ in range(args.warmup)], device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak_with_build = torch.cuda.max_memory_allocated(device)
@@ -161,6 +201,9 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
     times = [sum(p) for p in phases]
     if not torch.isfinite(rgb.grad).all():
         raise RuntimeError(f"{model}-{algorithm}: non-finite gradient at the render")
+    if args.profile:
+        with open(args.profile, "a") as f:
+            f.write(f"## {model}-{algorithm} {args.label}\n{profile_steps(step, device)}\n")
     return {
         "case": f"{model}-{algorithm}",
         "algorithm": algorithm,
@@ -183,6 +226,10 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
         "compile_vae": args.compile_vae,
         "vae_channels_last": backend.vae_channels_last,
         "vae_checkpointing": args.vae_checkpointing,
+        "cuda_graphs": args.cuda_graphs,
+        "fp8": args.fp8,
+        "warmup_s": warmup_s,
+        **(levers or {}),
         "label": args.label,
     }
 
@@ -203,6 +250,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile-vae", nargs="?", const=True, default=False,
                    choices=[True, "default", "max-autotune-no-cudagraphs"],
                    help="also torch.compile the VAE encoder (a lever under measurement, not a backend option yet)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA graphs for the no-grad denoiser calls (compile mode reduce-overhead; not with --compile)")
+    p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the denoiser via torchao (reports the velocity error)")
+    p.add_argument("--warmup-resolutions", default="",
+                   help="comma-separated render sizes warmed up (and timed, warmup_s) before --resolution, e.g. 256")
+    p.add_argument("--profile", default=None, help="append a torch.profiler table per case to this file")
     p.add_argument("--vae-channels-last", action="store_true", help="channels-last VAE weights and input")
     p.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in the VAE encoder")
     p.add_argument("--label", default="", help="free text copied into each JSON line")
@@ -215,6 +268,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"unknown --cases {unknown}; choose from {CASES}")
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         p.error("--steps and --batch must be >= 1, --warmup >= 0")
+    if args.cuda_graphs and args.compile:
+        p.error("--cuda-graphs compiles the denoiser itself (mode reduce-overhead): drop --compile")
+    try:
+        args.warmup_resolutions = [int(r) for r in args.warmup_resolutions.split(",") if r.strip()]
+    except ValueError:
+        p.error(f"--warmup-resolutions must be comma-separated integers, got {args.warmup_resolutions!r}")
     args.cases = cases
     args.resolution = args.resolution or (64 if args.tiny else 512)
     return args
@@ -230,12 +289,15 @@ def run(args: argparse.Namespace) -> List[Dict]:
         if not algorithms:
             continue
         torch.manual_seed(0)
-        backend, cond, uncond = build(model, device, dtype, args.resolution, args.tiny, compile=args.compile,
+        backend, cond, uncond = build(model, device, dtype, args.resolution, args.tiny,
                                       vae_channels_last=args.vae_channels_last,
                                       vae_checkpointing=args.vae_checkpointing)
-        maybe_compile(backend.vae.encoder, args.compile_vae)
+        levers = apply_levers(backend, cond, args)
+        if "skipped" in levers:
+            print(json.dumps({"model": MODEL_NAMES[model], "label": args.label, **levers}), flush=True)
+            continue
         for algorithm in algorithms:
-            rec = run_case(backend, model, algorithm, cond, uncond, args, device, dtype)
+            rec = run_case(backend, model, algorithm, cond, uncond, args, device, dtype, levers)
             print(json.dumps(rec), flush=True)
             records.append(rec)
         del backend, cond, uncond
