@@ -176,7 +176,8 @@ def task_states(out_dir: str) -> Dict[str, str]:
     states: Dict[str, str] = {}
     for r in recs:  # a later submission of a run overrides an earlier one
         for i, rid in enumerate(r["runs"]):
-            st = info.get(f"{r['job_id']}_{i}", {}).get("State")
+            key = f"{r['job_id']}_{i}" if len(r["runs"]) > 1 else str(r["job_id"])  # submitit: 1 run = plain job
+            st = info.get(key, {}).get("State")
             if st:
                 states[rid] = st.split()[0]  # "CANCELLED by 1234" → CANCELLED
     return states
@@ -190,7 +191,11 @@ class SubmititExecutor:
 
     def run(self, spec: RunSpec, runs: List[Run], log: Callable[[str], None]) -> Dict[str, int]:
         submitit = _import_submitit()
-        groups = classify(Ledger(os.path.join(spec.out_dir, "ledger.jsonl")), runs, spec, Heartbeat(spec.out_dir, me()))
+        probe = Heartbeat(spec.out_dir, me())
+        try:
+            groups = classify(Ledger(os.path.join(spec.out_dir, "ledger.jsonl")), runs, spec, probe)
+        finally:
+            probe.remove()
         counts = {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(groups["done"]),
                   "failed_earlier": len(groups["failed"]), "running_elsewhere": len(groups["running"]),
                   "submitted": len(groups["todo"])}
@@ -225,7 +230,8 @@ class SubmititExecutor:
             try:
                 j.result()
             except Exception as e:  # the task itself crashed (not the run): the ledger says what is known
-                log(f"{rid}: task {j.job_id} ended with {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
+                last = (str(e).strip().splitlines() or [""])[-1]
+                log(f"{rid}: task {j.job_id} ended with {type(e).__name__}: {last}")
         state = Ledger(os.path.join(spec.out_dir, "ledger.jsonl")).state()
         counts["interrupted"] = 0
         for rid in ids:
