@@ -91,6 +91,8 @@ def _write(tmp_path, kind):
         ("rgb", ["--model", "dalle"], "--model must be one of ['sd3', 'instaflow']"),
         ("rgb", ["--method", "ddim"], "--method must be one of"),
         ("rgb", ["--t-start", "0"], "--t-start must be a number in"),
+        ("rgb", ["--schedule", "paper"], "--schedule must be one of ['model', 'reference']"),
+        ("rgb", ["--schedule", "reference", "--method", "update"], "--schedule reference is the paper's schedule for --method adam"),
     ],
 )
 def test_bad_inputs_have_clear_errors(tmp_path, capsys, kind, extra, match):
@@ -122,3 +124,32 @@ def test_partial_regeneration_follows_the_flow(t_start):
     x_t0 = t_start * eps + (1 - t_start) * x0
     sigma = ((1 - t_start) ** 2 * s**2 + t_start**2) ** 0.5
     torch.testing.assert_close(out, mu + s * (x_t0 - (1 - t_start) * mu) / sigma, atol=1.5e-2, rtol=0)  # Euler: O(1/steps)
+
+
+@pytest.mark.parametrize("model", ["sd3", "instaflow"])
+def test_reference_schedule_reaches_irfds(tmp_path, tiny_sd3_path, tiny_instaflow_path, rgb_image, model, monkeypatch):
+    """--schedule reference: the inversion draws the paper code's times (SD3: its 15-point grid;
+    InstaFlow: noise levels 1 − k/1000, k ∈ [100, 800])."""
+    import torch
+
+    from threestudio_rfds import rfds
+    from threestudio_rfds.backends.sd3 import sd3_sigmas
+
+    seen, real = [], rfds.irfds_loss
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append((k["schedule"], out.t))
+        return out
+
+    monkeypatch.setattr(rfds, "irfds_loss", spy)
+    path = tiny_sd3_path if model == "sd3" else tiny_instaflow_path
+    _, rec = _edit(tmp_path, rgb_image, model, path, "--schedule", "reference", "--steps", "12")
+    assert rec["settings"]["schedule"] == "reference" and len(seen) == 12
+    t = torch.cat([t for _, t in seen])
+    if model == "sd3":
+        grid = sd3_sigmas(15, 3.0)[:15]
+        assert (t[:, None] - grid[None]).abs().min(1).values.max() < 1e-6
+    else:
+        k = (1 - t) * 1000
+        assert torch.allclose(k, k.round(), atol=1e-3) and k.min() >= 100 and k.max() <= 800

@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-step-percent", type=float, default=None)
     g.add_argument("--inversion-guidance", type=float, default=1.0, help="CFG scale inside iRFDS (reference: 1)")
     g.add_argument("--reg-weight", type=float, default=1.0, help="weight of R(ε)")
+    g.add_argument("--schedule", default="model",
+                   help="iRFDS times (--method adam): model (t from the step percents, correctly labelled) or "
+                        "reference (the paper code's: SD3 15-point grid, InstaFlow mislabelled levels; docs/math.md §4.4)")
     s = ap.add_argument_group("regeneration and edit")
     s.add_argument("--t-start", type=float, default=None, help="noise level t0 the sampler starts from (1 = pure ε)")
     s.add_argument("--sample-steps", type=int, default=None)
@@ -74,6 +77,9 @@ def check_args(args: argparse.Namespace) -> None:
     common.check_model_args(args)
     check_choice("--method", args.method, ("adam", "update"))
     check_choice("--rgba", args.rgba, ("composite", "reject"))
+    check_choice("--schedule", args.schedule, ("model", "reference"))
+    if args.schedule == "reference" and args.method != "adam":
+        raise ValueError(f"--schedule reference is the paper's schedule for --method adam, got --method {args.method}")
     for k, v in FAMILY_DEFAULTS[args.model].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -122,7 +128,8 @@ def invert(backend, x0, cond, uncond, args, gen) -> Dict[str, object]:
         for step in bar:
             out = irfds_loss(backend, x0, eps, cond, uncond=uncond, guidance_scale=args.inversion_guidance,
                              min_step_percent=args.min_step_percent, max_step_percent=args.max_step_percent,
-                             reg_weight=args.reg_weight, generator=gen, nonfinite=args.nonfinite)
+                             reg_weight=args.reg_weight, generator=gen, schedule=args.schedule,
+                             nonfinite=args.nonfinite)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
@@ -218,9 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         return _say(f"error: {e}", common.EXIT_USAGE)
     try:
-        res = run(args)
-        metrics = save_outputs(res, args, argv, stage.path)
-        stage.publish()
+        with common.sigterm_as_interrupt():
+            res = run(args)
+            metrics = save_outputs(res, args, argv, stage.path)
+            stage.publish()
     except NonFiniteError as e:
         return _say(f"error: {e}; nothing saved ({args.out} unchanged)", common.EXIT_FAILED)
     except (ValueError, OSError) as e:
