@@ -188,3 +188,10 @@ def test_console_script_is_declared():
     assert r.returncode == 0 and "usage: rfds-setup" in r.stdout and "--dry-run" in r.stdout, r.stderr
     setup_py = open(__file__.replace("tests/test_setup_env.py", "setup.py")).read()
     assert '"rfds-setup=threestudio_rfds.adapter.setup_env:main"' in setup_py
+
+
+def test_docs_list_every_requirement_rfds_setup_replaces_or_skips():
+    doc = open(__file__.replace("tests/test_setup_env.py", "docs/threestudio.md"), encoding="utf-8").read()
+    table = doc[doc.index("| entry | what rfds-setup does | why |"):doc.index("### The check")]
+    for name in envset.REQUIREMENT_POLICY:
+        assert f"`{name}" in table, name
