@@ -496,6 +496,24 @@ def test_sigint_mid_run_saves_a_coherent_partial_run(tiny_sd3_path, tmp_path):
     assert not _siblings(out)
 
 
+def test_sigterm_acts_like_ctrl_c(tiny_sd3_path, tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM at step 3 (sent from inside the step): the two steps done are saved."""
+    real, calls = R.rfds, []
+
+    def terminated(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "rfds", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    code, err = _run2d(tiny_sd3_path, tmp_path / "o", capsys, "--steps", "5")
+    assert code == 130 and "interrupted after step 2 of 5" in err
+    assert _record(tmp_path / "o")["status"] == "interrupted" and _record(tmp_path / "o")["completed_steps"] == 2
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is restored
+
+
 # ---------------------------------------------------------------- rfds-edit: runs, interruptions, faults
 def _edit(path, tmp_path, out, capsys, *extra):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")

@@ -6,12 +6,15 @@ arguments or inputs (nothing was computed), 130 interrupted (Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import signal
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -93,6 +96,24 @@ def add_output_args(ap: argparse.ArgumentParser, default: str):
                    help="replace an existing output folder of this tool as a whole (at the end of the run)")
     o.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     return o
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (a scheduler's time limit, ``kill``) acts like Ctrl-C, so the
+    tools save or discard their run as they do for Ctrl-C.  A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def stage_output(args: argparse.Namespace, tool: str) -> StagedDir:

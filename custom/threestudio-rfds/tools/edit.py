@@ -225,9 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         return _say(f"error: {e}", common.EXIT_USAGE)
     try:
-        res = run(args)
-        metrics = save_outputs(res, args, argv, stage.path)
-        stage.publish()
+        with common.sigterm_as_interrupt():
+            res = run(args)
+            metrics = save_outputs(res, args, argv, stage.path)
+            stage.publish()
     except NonFiniteError as e:
         return _say(f"error: {e}; nothing saved ({args.out} unchanged)", common.EXIT_FAILED)
     except (ValueError, OSError) as e:

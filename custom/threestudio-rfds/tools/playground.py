@@ -10,8 +10,8 @@ Outputs in --out: ``final_<i>.png``, ``final_grid.png``, ``progress.gif`` and
 ``progress_grid.png`` (rows = saved steps, labelled), ``curves.png`` (loss, grad-norm),
 ``history.json`` and ``run.json`` (every setting, the command line, library versions and the
 run's ``status``).  The folder is written beside --out and moved into place at the end: --out
-holds one whole run or stays as it was.  Ctrl-C during the optimisation saves the steps done so
-far as a run with status "interrupted" (exit 130); a non-finite step saves them with status
+holds one whole run or stays as it was.  Ctrl-C (or SIGTERM) during the optimisation saves the
+steps done so far as a run with status "interrupted" (exit 130); a non-finite step saves them with status
 "failed" (exit 1).
 """
 from __future__ import annotations
@@ -195,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         return _say(f"error: {e}", common.EXIT_USAGE)
     try:
-        return _run(args, argv, stage)
+        with common.sigterm_as_interrupt():
+            return _run(args, argv, stage)
     finally:
         stage.discard()  # whatever was not published
 
