@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     counts = run_suite(suite, args.threestudio, out, python=args.python, gpu=args.gpu, gpus=args.gpus,
                        dry_run=args.dry_run, retry_failed=args.retry_failed, timeout=args.timeout,
                        extra_overrides=extra, executor=args.executor, executor_options=options,
-                       progress_every=args.progress_every)
+                       progress_every=args.progress_every, log=lambda s: print(s, flush=True))
     if args.dry_run:
         return 0
     if "submitted" in counts and not (args.wait or args.slurm_cluster == "debug"):

@@ -41,7 +41,7 @@ def collect_status(out_dir: str) -> Dict[str, Any]:
             if st == "started":
                 alive = owner_alive(out_dir, Owner.from_dict(rec.get("owner")), probe)
                 st = "running" if alive else "lost"
-                where = f"{rec.get('gpu', '?')} on {rec.get('host', '?')}"
+                where = f"{rec['gpu']} on {rec['host']}" if rec.get("host") else "(an older runner, no owner recorded)"
                 if alive:
                     pr = logs.progress(local_path(out_dir, rec["log"])) if rec.get("log") else None
                     step = f"step {pr[0]}/{pr[1]}" if pr else "starting"
