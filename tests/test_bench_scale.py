@@ -214,7 +214,8 @@ def test_rerun_lists_earlier_failures_and_exits_1(fake, tmp_path, capsys):
 def test_usage_errors_exit_2(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
         bench_main(argv)
-    assert e.value.code == 2 and match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match in err and err.count("\n") == 1, err
 
 
 def test_bad_values_are_one_line_errors(fake, tmp_path, capsys, monkeypatch):

@@ -37,8 +37,15 @@ def _key_value(text: str):
     return k.strip().lstrip("-"), v
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the full usage of ``run`` is a screenful): exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rfds-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="rfds-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a suite (resumes: finished runs are skipped)")
     r.add_argument("suite", help="suite YAML path (relative to the current folder) or name in configs/ (default, ...)")
