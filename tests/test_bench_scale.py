@@ -179,6 +179,9 @@ def test_owner_liveness(tmp_path):
     Heartbeat(out, other).beat(force=True)
     requeued = Heartbeat(out, Owner(host, os.getpid(), 1, job="77_3"))  # the same array task, requeued
     assert not owner_alive(out, other, requeued)
+    unwritable = Heartbeat(str(tmp_path / "no" / "such"), me())  # status of a read-only copy: local clock
+    unwritable.dir = unwritable.path = "/proc/no-such-dir/x.hb"
+    assert owner_alive(out, other, unwritable)
 
 
 def test_timeout_stops_the_run(fake, tmp_path, monkeypatch):

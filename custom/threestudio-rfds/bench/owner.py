@@ -110,8 +110,12 @@ def heartbeat_age(out_dir: str, owner: Owner, probe: Heartbeat) -> Optional[floa
         theirs = os.stat(heartbeat_path(out_dir, owner)).st_mtime
     except OSError:
         return None
-    probe.beat(force=True)
-    return os.stat(probe.path).st_mtime - theirs
+    try:
+        probe.beat(force=True)
+        now = os.stat(probe.path).st_mtime
+    except OSError:  # a read-only results folder (status of a copy): fall back to this node's clock
+        now = time.time()
+    return now - theirs
 
 
 def owner_alive(out_dir: str, owner: Optional[Owner], probe: Heartbeat, stale_after: float = STALE_AFTER) -> bool:
