@@ -222,8 +222,9 @@ class SubmititExecutor:
             os.write(fd, (json.dumps(rec) + "\n").encode())  # one write: whole lines from concurrent submitters
         finally:
             os.close(fd)
-        log(f"submitted {len(ids)} runs as {self.options.cluster} job array {array_id} "
-            f"(logs in {os.path.join(spec.out_dir, 'slurm')}); watch with `rfds-bench status {spec.out_dir}`")
+        what = f"SLURM job array {array_id}" if self.options.cluster == "slurm" else f"submitit {self.options.cluster} jobs"
+        log(f"submitted {len(ids)} runs as {what} (logs in {os.path.join(spec.out_dir, 'slurm')}); "
+            f"watch with `rfds-bench status {spec.out_dir}`")
         if not self.options.wait and self.options.cluster != "debug":
             return counts
         for j, rid in zip(jobs, ids):
