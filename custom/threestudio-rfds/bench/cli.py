@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     state = Ledger(os.path.join(out, "ledger.jsonl")).state()
     ids = [r.run_id for r in suite.runs()]
     failed = [(rid, state[rid]) for rid in ids if state.get(rid, {}).get("status") == "failed"]
-    unfinished = [rid for rid in ids if state.get(rid, {}).get("status") != "done" and state.get(rid, {}).get("status") != "failed"]
+    unfinished = [rid for rid in ids if state.get(rid, {}).get("status") not in ("done", "failed")]
     print(f"{suite.name}: {counts['done']} done, {counts['failed']} failed"
           + (f", {counts['interrupted']} interrupted" if counts.get("interrupted") else "") + " in this run; "
           f"{counts['skipped']} already finished, {counts['failed_earlier']} failed earlier"
@@ -144,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     if unfinished:
         print(f"{len(unfinished)} run(s) not finished here (see `rfds-bench status {out}`): "
               f"{', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''}")
-    return 1 if failed else 0
+    return 1 if failed or counts.get("interrupted") else 0  # interrupted: stopped from outside, rerun to finish
 
 
 def _score(args: argparse.Namespace) -> int:
