@@ -90,5 +90,5 @@ def resolve_source(path: str, local_files_only: Optional[bool]) -> Optional[bool
         return local_files_only
     if in_local_cache(path):
         return True
-    raise ModelLoadError(f"cannot load {path!r}: no network ({constants.ENDPOINT} does not answer: {why}) and not in "
-                         f"the local cache ({cache_dir()}); {ways_out(path)}")
+    raise ModelLoadError(f"no network ({constants.ENDPOINT} does not answer: {why}) and {path!r} is not in the local "
+                         f"cache ({cache_dir()}); {ways_out(path)}")
