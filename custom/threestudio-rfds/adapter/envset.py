@@ -41,8 +41,7 @@ COMPONENTS: Tuple[Component, ...] = (
     Component("pytorch-lightning", "pytorch-lightning==2.6.6", ">=2.0,<3", "threestudio imports pytorch_lightning 2.x"),
     Component("omegaconf", "omegaconf>=2.3,<2.4", ">=2.3,<2.4", "threestudio's configs need omegaconf 2.3"),
     Component("libigl", "libigl==2.5.1", ">=2.5,<2.6",
-              "libigl 2.6 changed the functions threestudio.utils.ops imports (fast_winding_number_for_meshes, "
-              "point_mesh_squared_distance, read_obj)"),
+              "libigl 2.6 lacks fast_winding_number_for_meshes, which threestudio.utils.ops imports"),
     Component("bitsandbytes", None, ">=0.50",
               "bitsandbytes < 0.50 (threestudio pins 0.38.1) imports triton.ops, which current triton lacks, so "
               "`from diffusers import SD3Transformer2DModel` fails",
@@ -53,17 +52,22 @@ COMPONENTS: Tuple[Component, ...] = (
 
 EXTRA_PINS: Tuple[str, ...] = ("plyfile", "protobuf", "scipy")  # threestudio-3dgs, T5 tokenizers, kornia/trimesh
 
+
+def _pin(dist: str) -> str:
+    return next(c.pin for c in COMPONENTS if c.dist == dist and c.pin)
+
+
 # threestudio requirements.txt entry (distribution name, lower case) → (replacement pin or None, reason).
 REQUIREMENT_POLICY: Dict[str, Tuple[Optional[str], str]] = {
-    "lightning": ("pytorch-lightning==2.6.6", "lightning==2.0.0 predates current torch; threestudio imports "
+    "lightning": (_pin("pytorch-lightning"), "lightning==2.0.0 predates current torch; threestudio imports "
                                              "pytorch_lightning, tested at 2.6.6"),
-    "diffusers": ("diffusers==0.42.1", "diffusers<0.20 cannot load SD3"),
-    "transformers": ("transformers==5.24.0", "transformers==4.28.1 lacks SD3's text encoders"),
-    "huggingface_hub": ("huggingface_hub==2.4.0", "the tested hub version (ships the `hf` CLI)"),
-    "omegaconf": ("omegaconf>=2.3,<2.4", "the tested 2.3 series"),
-    "libigl": ("libigl==2.5.1", "libigl 2.6 changed functions threestudio imports"),
-    "nerfacc": ("nerfacc==0.5.3", "the git URL needs GitHub; nerfacc 0.5.3 from PyPI is the tested version"),
-    "envlight": ("envlight==0.1.0", "the git URL needs GitHub; envlight 0.1.0 from PyPI is the tested version"),
+    "diffusers": (_pin("diffusers"), "diffusers<0.20 cannot load SD3"),
+    "transformers": (_pin("transformers"), "transformers==4.28.1 lacks SD3's text encoders"),
+    "huggingface_hub": (_pin("huggingface_hub"), "the tested hub version (ships the `hf` CLI)"),
+    "omegaconf": (_pin("omegaconf"), "the tested 2.3 series"),
+    "libigl": (_pin("libigl"), "libigl 2.6 lacks fast_winding_number_for_meshes, which threestudio imports"),
+    "nerfacc": (_pin("nerfacc"), "the git URL needs GitHub; nerfacc 0.5.3 from PyPI is the tested version"),
+    "envlight": (_pin("envlight"), "the git URL needs GitHub; envlight 0.1.0 from PyPI is the tested version"),
     "opencv-python": ("opencv-python-headless", "the same cv2 without the GUI libraries (libGL) servers lack"),
     "bitsandbytes": (None, "bitsandbytes==0.38.1 breaks diffusers' model imports (No module named 'triton.ops'); "
                            "only DeepFloyd uses it: pip install 'bitsandbytes>=0.50' if you need it"),
