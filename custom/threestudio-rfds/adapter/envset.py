@@ -59,8 +59,8 @@ def _pin(dist: str) -> str:
 
 # threestudio requirements.txt entry (distribution name, lower case) → (replacement pin or None, reason).
 REQUIREMENT_POLICY: Dict[str, Tuple[Optional[str], str]] = {
-    "lightning": (_pin("pytorch-lightning"), "lightning==2.0.0 predates current torch; threestudio imports "
-                                             "pytorch_lightning, tested at 2.6.6"),
+    "lightning": (_pin("pytorch-lightning"), "threestudio imports pytorch_lightning; the tested set has "
+                                             "pytorch-lightning 2.6.6, not lightning 2.0.0"),
     "diffusers": (_pin("diffusers"), "diffusers<0.20 cannot load SD3"),
     "transformers": (_pin("transformers"), "transformers==4.28.1 lacks SD3's text encoders"),
     "huggingface_hub": (_pin("huggingface_hub"), "the tested hub version (ships the `hf` CLI)"),
