@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra threestudio override for every run (repeatable), e.g. trainer.max_steps=100")
     r.add_argument("--progress-every", type=_number(float, "seconds", 0, True), default=60.0,
                    help="seconds between progress reports (default 60)")
+    r.add_argument("--stale-after", type=_number(float, "seconds", 0, True), default=300.0,
+                   help="a run started on another host whose runner's heartbeat is older is rerun (default 300)")
     s = r.add_argument_group("--executor slurm (defaults from the suite's 'slurm:' section)")
     s.add_argument("--partition")
     s.add_argument("--account")
@@ -120,7 +122,8 @@ def _run(args: argparse.Namespace) -> int:
     counts = run_suite(suite, args.threestudio, out, python=args.python, gpu=args.gpu, gpus=args.gpus,
                        dry_run=args.dry_run, retry_failed=args.retry_failed, timeout=args.timeout,
                        extra_overrides=extra, executor=args.executor, executor_options=options,
-                       progress_every=args.progress_every, log=lambda s: print(s, flush=True))
+                       progress_every=args.progress_every, stale_after=args.stale_after,
+                       log=lambda s: print(s, flush=True))
     if args.dry_run:
         return 0
     if "submitted" in counts and not (args.wait or args.slurm_cluster == "debug"):

@@ -4,8 +4,9 @@ An owner is one runner process (``rfds-bench run`` on a workstation, or one subm
 cluster node).  It is identified by host, pid, the pid's start time (so a recycled pid is not
 mistaken for it) and, under SLURM, its array task id.  While it lives it touches a heartbeat file
 ``OUT/owners/<session>.hb`` every few seconds; from another host, an owner whose heartbeat is
-older than ``stale_after`` seconds is gone.  Heartbeat ages compare two mtimes set by the same
-(shared) file server — ours, just touched, and theirs — so node clocks need not agree.
+older than ``stale_after`` seconds (default 300, above NFS attribute caching) is gone.  Heartbeat
+ages compare two mtimes set by the same (shared) file server — ours, just touched, and theirs — so
+node clocks need not agree.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
 HEARTBEAT_EVERY = 5.0
-STALE_AFTER = 60.0
+STALE_AFTER = 300.0  # well above NFS attribute caching (acregmax, 60 s by default)
 
 
 def pid_start(pid: int) -> Optional[int]:
@@ -104,15 +105,21 @@ def heartbeat_path(out_dir: str, owner: Owner) -> str:
     return os.path.join(out_dir, "owners", owner.session + ".hb")
 
 
+def _mtime(path: str) -> float:
+    """mtime via open + fstat: NFS revalidates attributes on open (close-to-open consistency)."""
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_mtime
+
+
 def heartbeat_age(out_dir: str, owner: Owner, probe: Heartbeat) -> Optional[float]:
     """Seconds since ``owner`` last beat, as seen by the file server; None if it never did."""
     try:
-        theirs = os.stat(heartbeat_path(out_dir, owner)).st_mtime
+        theirs = _mtime(heartbeat_path(out_dir, owner))
     except OSError:
         return None
     try:
         probe.beat(force=True)
-        now = os.stat(probe.path).st_mtime
+        now = _mtime(probe.path)
     except OSError:  # a read-only results folder (status of a copy): fall back to this node's clock
         now = time.time()
     return now - theirs
