@@ -248,13 +248,15 @@ def test_offline_default_clip_is_one_line(fake, tmp_path, capsys, monkeypatch):
     ts, out = fake
     run_suite(load_suite(write_suite(str(tmp_path / "s.yaml"), ["x"])), ts, out, log=lambda s: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached
     import huggingface_hub.constants as c
 
+    import threestudio_rfds.bench.score as score
+
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(score, "DEFAULT_CLIP", "rfds-test/clip-never-cached")  # the default, but surely not cached
     assert bench_main(["score", out, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot load CLIP model 'openai/clip-vit-base-patch32'" in err
+    assert err.count("\n") == 1 and "cannot load CLIP model 'rfds-test/clip-never-cached'" in err
     assert "Traceback" not in err
 
 
