@@ -227,6 +227,17 @@ def test_full_disk_returns_the_embeddings_with_one_warning(tiny_sd3_path, tmp_pa
     assert not _entries(full_disk) and not glob.glob(os.path.join(str(full_disk), ".tmp-*"))
 
 
+def test_cache_folder_that_cannot_be_created_costs_one_warning(tmp_path, caplog):
+    (tmp_path / "file").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="threestudio_rfds"):
+        cache = EmbeddingCache(str(tmp_path / "file" / "cache"))
+        out = cache.get_or_compute({"family": "test"}, ["a", "b", "a"],
+                                   lambda ps: {"e": torch.stack([torch.full((2,), float(len(p) + i)) for i, p in
+                                                                 enumerate(ps)])})
+    assert out["e"][:, 0].tolist() == [1.0, 2.0, 1.0]
+    assert len(caplog.records) == 1 and "computed uncached" in caplog.records[0].getMessage()
+
+
 def test_nonfinite_text_embeddings_are_an_error_and_never_cached(tiny_sd3_path, tmp_path, monkeypatch):
     real = text_sd3.encode_sd3_prompts
 

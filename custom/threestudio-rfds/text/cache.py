@@ -84,8 +84,13 @@ class EmbeddingCache:
 
     def __init__(self, cache_dir: str, lock_timeout: float = 1800.0):
         self.dir = os.path.abspath(os.path.expanduser(cache_dir))
-        os.makedirs(self.dir, exist_ok=True)
         self.lock_timeout = lock_timeout
+        self.usable = True
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:  # e.g. a full disk or a read-only parent: work uncached
+            log.warning(f"embedding cache: cannot create {self.dir} ({e.strerror}); embeddings are computed uncached")
+            self.usable = False
 
     def path(self, key: str) -> str:
         return os.path.join(self.dir, key + ".safetensors")
@@ -184,6 +189,10 @@ class EmbeddingCache:
         Entries that do not match ``expect`` (what the model produces) are recomputed; without
         ``expect``, the computed rows (or else the first prompt's entry) set the shapes the others
         must share."""
+        if not self.usable:
+            batch = compute(list(dict.fromkeys(prompts)))
+            index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+            return {k: v[[index[p] for p in prompts]] for k, v in batch.items()}
         found = {p: self.load_valid(spec, p, expect) for p in dict.fromkeys(prompts)}
         missing = [p for p, v in found.items() if v is None]
         if missing:
