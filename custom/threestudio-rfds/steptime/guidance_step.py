@@ -23,7 +23,7 @@ import torch
 
 from ..backends.base import maybe_compile, resolve_dtype
 from ..rfds import rfds, rfds_rev
-from .levers import GraphedDenoiser, fp8_quantize, profile_steps, relative_error, velocity_probe
+from .levers import GraphedDenoiser, compile_static, fp8_quantize, profile_steps, relative_error, velocity_probe
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
@@ -112,9 +112,11 @@ def apply_levers(backend, cond, args: argparse.Namespace) -> Dict:
         applied["fp8_velocity_rel_err"] = round(relative_error(velocity_probe(backend, cond, args.resolution), ref), 5)
     if args.cuda_graphs:
         set_denoiser(backend, GraphedDenoiser(denoiser(backend)))
+    elif args.warmup_resolutions:  # several shapes: static graphs (see compile_static)
+        compile_static(denoiser(backend), args.compile)
     else:
-        maybe_compile(denoiser(backend), args.compile)
-    maybe_compile(backend.vae.encoder, args.compile_vae)
+        maybe_compile(denoiser(backend), args.compile)  # the backend option `compile`, as users get it
+    compile_static(backend.vae.encoder, args.compile_vae)
     return applied
 
 

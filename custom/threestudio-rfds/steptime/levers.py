@@ -4,6 +4,7 @@
   (``torch.compile(mode="reduce-overhead")``), safe for RFDS-Rev's two calls per step;
 * :func:`fp8_quantize`: FP8 matmuls (torchao's dynamic float8 activations × float8 weights), with
   :func:`velocity_probe` to report the velocity error against the unquantised denoiser;
+* :func:`compile_static`: ``torch.compile`` with one static graph per input shape;
 * :func:`profile_steps`: a per-kernel table of a few steps (torch.profiler).
 """
 from __future__ import annotations
@@ -12,6 +13,15 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+
+def compile_static(module: torch.nn.Module, mode=True) -> None:
+    """Compile ``module`` in place with ``dynamic=False``: each shape (B and 2B passes, each
+    resolution milestone) gets its own static graph.  With the default automatic-dynamic shapes the
+    VAE encoder's recompile at a second resolution failed in inductor on the CPU (torch 2.14:
+    "cannot determine truth value of Relational")."""
+    if mode:
+        module.compile(mode=None if mode in (True, "default") else mode, dynamic=False)
 
 
 def _clone_outputs(out):
@@ -35,7 +45,7 @@ class GraphedDenoiser(torch.nn.Module):
     def __init__(self, module: torch.nn.Module):
         super().__init__()
         self.inner = module
-        self._graphed = torch.compile(module, mode="reduce-overhead")
+        self._graphed = torch.compile(module, mode="reduce-overhead", dynamic=False)
 
     def forward(self, *args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
