@@ -54,7 +54,7 @@ def overrides(config: str, model_path: str, steps: int, exp_root: str, smoke: bo
            f"system.prompt_processor.pretrained_model_name_or_path={model_path}",
            f"system.prompt_processor.prompt={PROMPT}",
            f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.log_every_n_steps=10",
-           "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+           "trainer.num_sanity_val_steps=0",
            f"checkpoint.every_n_train_steps={steps}", f"exp_root_dir={exp_root}", "use_timestamp=false"]
     if two_stage:
         out.append(f"data.resolution_milestones=[{max(1, steps // 2)}]")
@@ -97,14 +97,22 @@ def train(config: str, model_path: str, launch_dir: str, work: str, steps: int, 
         env.update(RFDS_CPU_SMOKE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "launch.py", "--config", os.path.join("custom", "threestudio-rfds", "configs", config),
            "--train", "--gpu", "0", *overrides(config, model_path, steps, os.path.join(work, "outputs"), smoke)]
+    own_log = os.path.join(work, f"{name}.log")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=launch_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-        rc = "timeout"
-    return {"config": config, "returncode": rc, "wall_s": round(time.perf_counter() - t0, 1), "max_steps": steps,
-            "nerfacc": nerfacc, **summarize(step_log)}
+    with open(own_log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=launch_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = "timeout"
+    rec = {"config": config, "returncode": rc, "wall_s": round(time.perf_counter() - t0, 1), "max_steps": steps,
+           "nerfacc": nerfacc, **summarize(step_log)}
+    with open(own_log, errors="replace") as f:
+        lines = f.readlines()
+    log.write(f"==== {config}\n" + "".join(lines))
+    if rc not in (0, "timeout"):
+        rec["log_tail"] = "".join(lines[-12:])[-2000:]
+    return rec

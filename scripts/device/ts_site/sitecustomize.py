@@ -11,6 +11,7 @@ this folder there for the ``launch.py`` subprocesses only.  It
 * with ``RFDS_STEP_LOG=<file>``, appends one JSON line per training step (seconds since the
   previous step's end, after a device sync; peak GPU memory; render size) from
   ``BaseSystem.on_train_batch_end``: s/iteration survives a run killed at its timeout;
+* saves threestudio's test videos as GIF when imageio-ffmpeg is missing (the device has none);
 * with ``RFDS_CPU_SMOKE=1``, first loads the tests' CPU shim (tests/cpu_launch/sitecustomize.py).
 """
 import importlib.abc
@@ -84,7 +85,18 @@ def _step_logger(module) -> None:
     base.on_train_batch_end = on_train_batch_end
 
 
-PATCHES = {"threestudio.systems.base": _step_logger}
+def _gif_without_ffmpeg(module) -> None:
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        return
+    original = module.SaverMixin.save_img_sequence
+
+    def save_img_sequence(self, filename, img_dir, matcher, save_format="mp4", *args, **kwargs):
+        return original(self, filename, img_dir, matcher, "gif", *args, **kwargs)
+
+    module.SaverMixin.save_img_sequence = save_img_sequence
+
+
+PATCHES = {"threestudio.systems.base": _step_logger, "threestudio.utils.saving": _gif_without_ffmpeg}
 if os.environ.get("RFDS_NERFACC") == "torch" and os.environ.get("RFDS_CPU_SMOKE") != "1":
     PATCHES["nerfacc"] = _patch_nerfacc  # (the CPU shim already does it)
 
