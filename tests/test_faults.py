@@ -508,7 +508,7 @@ def test_sigint_mid_run_saves_a_coherent_partial_run(tiny_sd3_path, tmp_path):
 
 
 def test_sigterm_acts_like_ctrl_c(tiny_sd3_path, tmp_path, capsys, monkeypatch):
-    """A scheduler's SIGTERM at step 3 (sent from inside the step): the two steps done are saved."""
+    """A scheduler's SIGTERM during step 3: the step is finished, then the three steps are saved."""
     real, calls = R.rfds, []
 
     def terminated(*a, **k):
@@ -520,8 +520,9 @@ def test_sigterm_acts_like_ctrl_c(tiny_sd3_path, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(R, "rfds", terminated)
     before = signal.getsignal(signal.SIGTERM)
     code, err = _run2d(tiny_sd3_path, tmp_path / "o", capsys, "--steps", "5")
-    assert code == 130 and "interrupted after step 2 of 5" in err
-    assert _record(tmp_path / "o")["status"] == "interrupted" and _record(tmp_path / "o")["completed_steps"] == 2
+    assert code == 130 and "interrupted after step 3 of 5" in err
+    assert _record(tmp_path / "o")["status"] == "interrupted" and _record(tmp_path / "o")["completed_steps"] == 3
+    assert json.load(open(tmp_path / "o" / "history.json"))["step"] == [1, 2, 3]
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is restored
 
 

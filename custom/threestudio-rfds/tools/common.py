@@ -14,7 +14,7 @@ import platform
 import signal
 import sys
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -114,6 +114,29 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """Within the block the first SIGINT/SIGTERM only asks to stop: the returned function turns
+    True, so a loop can end at a step boundary; a second signal interrupts at once
+    (KeyboardInterrupt).  Outside the main thread signals are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    asked: List[int] = []
+
+    def request(signum, frame):
+        if asked:
+            raise KeyboardInterrupt(f"signal {signum}")
+        asked.append(signum)
+
+    old = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(asked)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def stage_output(args: argparse.Namespace, tool: str) -> StagedDir:

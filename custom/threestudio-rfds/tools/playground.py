@@ -110,8 +110,9 @@ def to_images(backend, params: torch.Tensor, space: str) -> List:
 
 def optimise(backend, cond, uncond, args, log=None) -> Dict[str, object]:
     """The optimisation loop; returns {"params", "history", "frames": [(step, [images])], "status",
-    "completed_steps", "error"}.  Ctrl-C (status "interrupted") or a non-finite step (status
-    "failed") ends it early with the steps completed so far; the last frame is the state then."""
+    "completed_steps", "error"}.  Ctrl-C/SIGTERM (status "interrupted": the current step is
+    finished first; a second signal stops at once) or a non-finite step (status "failed") end it
+    early with the steps completed so far; the last frame is the state then."""
     from tqdm.auto import tqdm
 
     from ..rfds import rfds, rfds_rev
@@ -130,27 +131,31 @@ def optimise(backend, cond, uncond, args, log=None) -> Dict[str, object]:
                dynamic_ncols=True)
     status, error, done = "complete", None, 0
     try:
-        for step in bar:
-            if args.batch_size == args.particles:
-                x = params
-            else:
-                x = params[torch.randint(0, args.particles, (args.batch_size,), generator=gen).to(params.device)]
-            z = x if args.space == "latent" else backend.encode(x)
-            out = fn(backend, z, cond, uncond, args.guidance_scale, **kw)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            if args.space == "rgb":
-                with torch.no_grad():
-                    params.clamp_(0.0, 1.0)
-            logs = {k: float(v) for k, v in out.logs().items()}
-            history["step"].append(step)
-            for k in ("loss", "grad_norm", "t_mean"):
-                history[k].append(logs[k])
-            done = step
-            bar.set_postfix(loss=f"{logs['loss']:.4g}", grad=f"{logs['grad_norm']:.3g}")
-            if step % args.save_every == 0 or step == args.steps:
-                frames.append((step, to_images(backend, params.detach(), args.space)))
+        with common.stop_requests() as stop:
+            for step in bar:
+                if stop():
+                    status = "interrupted"
+                    break
+                if args.batch_size == args.particles:
+                    x = params
+                else:
+                    x = params[torch.randint(0, args.particles, (args.batch_size,), generator=gen).to(params.device)]
+                z = x if args.space == "latent" else backend.encode(x)
+                out = fn(backend, z, cond, uncond, args.guidance_scale, **kw)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                opt.step()
+                if args.space == "rgb":
+                    with torch.no_grad():
+                        params.clamp_(0.0, 1.0)
+                logs = {k: float(v) for k, v in out.logs().items()}
+                history["step"].append(step)
+                for k in ("loss", "grad_norm", "t_mean"):
+                    history[k].append(logs[k])
+                done = step
+                bar.set_postfix(loss=f"{logs['loss']:.4g}", grad=f"{logs['grad_norm']:.3g}")
+                if step % args.save_every == 0 or step == args.steps:
+                    frames.append((step, to_images(backend, params.detach(), args.space)))
     except KeyboardInterrupt:
         status = "interrupted"
     except NonFiniteError as e:
@@ -208,8 +213,8 @@ def _run(args, argv, stage) -> int:
         common.check_size(backend, args.height, args.width)
         cond, uncond = common.encode_pair(args, backend, args.prompt, args.negative_prompt)
         t1 = time.time()
-        print(f"rfds-2d: optimising {args.steps} steps (Ctrl-C stops and saves the steps done)", file=sys.stderr,
-              flush=True)
+        print(f"rfds-2d: optimising {args.steps} steps (Ctrl-C stops after the step and saves the steps done)",
+              file=sys.stderr, flush=True)
         res = optimise(backend, cond, uncond, args)
     except (ValueError, OSError) as e:
         return _say(f"error: {e}", common.EXIT_USAGE)
