@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -405,9 +406,24 @@ def _record(out):
         return json.load(f)
 
 
-def test_overwrite_replaces_the_whole_previous_run(tiny_sd3_path, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def three_particle_run(tiny_sd3_path, tmp_path_factory):
+    """A finished rfds-2d run with 3 particles (copied by each test that needs a previous run)."""
+    out = tmp_path_factory.mktemp("previous") / "o"
+    assert playground.main(["--prompt", "a cat", "--model", "sd3", "--pretrained", tiny_sd3_path, "--out", str(out),
+                            *SMALL, "--particles", "3"]) == 0
+    return out
+
+
+@pytest.fixture
+def previous_run(three_particle_run, tmp_path):
     out = tmp_path / "o"
-    assert _run2d(tiny_sd3_path, out, capsys, "--particles", "3")[0] == 0
+    shutil.copytree(three_particle_run, out)
+    return out
+
+
+def test_overwrite_replaces_the_whole_previous_run(tiny_sd3_path, previous_run, capsys):
+    out = previous_run
     assert (out / "final_2.png").exists()
     code, err = _run2d(tiny_sd3_path, out, capsys)  # exists: refused, before any work
     assert code == 2 and "pass --overwrite" in err and (out / "final_2.png").exists()
@@ -418,9 +434,8 @@ def test_overwrite_replaces_the_whole_previous_run(tiny_sd3_path, tmp_path, caps
     assert not _siblings(out)
 
 
-def test_ctrl_c_while_writing_keeps_the_previous_run(tiny_sd3_path, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "o"
-    assert _run2d(tiny_sd3_path, out, capsys)[0] == 0
+def test_ctrl_c_while_writing_keeps_the_previous_run(tiny_sd3_path, previous_run, capsys, monkeypatch):
+    out = previous_run
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
 
     def interrupted(*a, **k):
