@@ -39,7 +39,7 @@ def test_gpu_overrides_keep_the_configs_sizes(config, tmp_path):
     assert merged.system.geometry.pos_encoding_config.otype == "ProgressiveBandFrequency"
     assert merged.trainer.max_steps == 100 and merged.system.guidance.pretrained_model_name_or_path == "/models/x"
     if isinstance(cfg.data.width, type(cfg.data.height)) and OmegaConf.is_list(cfg.data.width):
-        assert list(merged.data.resolution_milestones) == [50]
+        assert list(merged.data.resolution_milestones) == [30]
 
 
 def test_summarize_step_log(tmp_path):

@@ -37,7 +37,7 @@ def plan(smoke: bool) -> List[Phase]:
               size + ["--cases", "sd3-rfds,sd3-rfds-rev", "--compile", "--compile-vae", "--warmup-resolutions", early,
                       "--label", "compile+vae"]),
     ]
-    phases += [Phase(f"train:{c}", "train", (240 if smoke else 40), 20, [c]) for c in NERF_CONFIGS]
+    phases += [Phase(f"train:{c}", "train", (240 if smoke else 45), 20, [c]) for c in NERF_CONFIGS]
     phases += [
         Phase("step-cudagraphs", "step", 120 * k, 40, size + ["--cases", ALL_CASES, "--cuda-graphs", "--label", "cudagraphs"]),
         Phase("step-fp8-sd3", "step", 90 * k, 40,

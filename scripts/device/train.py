@@ -57,7 +57,7 @@ def overrides(config: str, model_path: str, steps: int, exp_root: str, smoke: bo
            "trainer.num_sanity_val_steps=0",
            f"checkpoint.every_n_train_steps={steps}", f"exp_root_dir={exp_root}", "use_timestamp=false"]
     if two_stage:
-        out.append(f"data.resolution_milestones=[{max(1, steps // 2)}]")
+        out.append(f"data.resolution_milestones=[{max(1, steps * 3 // 10)}]")  # 512² reached even if cut early
     if cfg.system.background_type == "neural-environment-map-background":
         out += ["system.background.dir_encoding_config.otype=ProgressiveBandFrequency",
                 "system.background.dir_encoding_config.n_frequencies=2"]
