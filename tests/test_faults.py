@@ -80,13 +80,15 @@ def test_nonfinite_x0_is_named_and_zero_mode_still_counts_model_output():
     (dict(grad_clip=float("nan")), r"grad_clip must be > 0 or None \(a finite number\), got nan"),
     (dict(grad_clip=float("inf")), r"grad_clip must be > 0 or None"),
     (dict(nonfinite="ignore"), r"nonfinite must be one of \['error', 'zero'\], got 'ignore'"),
+    (dict(shift=float("nan")), r"shift must be a finite number > 0, got nan"),
     (dict(min_step_percent=float("nan")), r"min_step_percent must be a number in \[0.0, 1.0\], got nan"),
     (dict(n_inner=True), r"n_inner must be an integer >= 0, got True"),
     (dict(inner_step=float("nan")), r"inner_step must be 'auto' or a number > 0, got nan"),
 ])
 def test_bad_options_are_one_line_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        R.rfds_rev(mixture(flow.sd3_convention(3.0)), torch.randn(B, 2), labels(B, 1), labels(B, -1), 3.0, **kw)
+        model = mixture(flow.sd3_convention(kw.pop("shift", 3.0)))
+        R.rfds_rev(model, torch.randn(B, 2), labels(B, 1), labels(B, -1), 3.0, **kw)
 
 
 def test_numpy_scalars_are_numbers():
@@ -94,6 +96,20 @@ def test_numpy_scalars_are_numbers():
                      np.float32(3.0), min_step_percent=np.float32(0.1), max_step_percent=np.float64(0.9),
                      n_inner=np.int64(2), grad_clip=np.float32(5.0))
     assert torch.isfinite(out.loss) and 0.1 - 1e-6 <= float(out.t.min()) <= float(out.t.max()) <= 0.9 + 1e-6
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(x0=torch.ones(B, 2, dtype=torch.long)), r"x0 must be a floating-point tensor, got torch.int64"),
+    (dict(eps=torch.ones(B, 2, dtype=torch.long)), r"eps must be a floating-point tensor, got torch.int64"),
+    (dict(cond=torch.ones(B)), r"cond must be a dict of tensors \{name: \[B, ...\]\}, got Tensor"),
+    (dict(uncond={"label": [1, 1, 1]}), r"uncond must be a dict of tensors .*got \{'label': 'list'\}"),
+    (dict(generator=5), r"generator must be a torch.Generator or None, got int"),
+])
+def test_wrong_types_are_named(kw, msg):
+    args = dict(x0=torch.randn(B, 2), cond=labels(B, 1), uncond=labels(B, -1))
+    args.update({k: kw.pop(k) for k in list(kw) if k in args})
+    with pytest.raises(ValueError, match=msg):
+        R.rfds(mixture(flow.sd3_convention(3.0)), args["x0"], args["cond"], args["uncond"], 3.0, **kw)
 
 
 def test_irfds_update_checks_its_condition():

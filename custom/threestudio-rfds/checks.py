@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -100,7 +100,11 @@ class DeferredChecks:
         return self
 
     def add_cond(self, name: str, cond) -> "DeferredChecks":
-        """Every tensor of a condition dict (prompt embeddings)."""
+        """Every tensor of a condition dict (prompt embeddings); a condition of another type is a
+        ``ValueError`` now."""
+        if not isinstance(cond, Mapping) or not all(torch.is_tensor(v) for v in cond.values()):
+            got = type(cond).__name__ if not isinstance(cond, Mapping) else {k: type(v).__name__ for k, v in cond.items()}
+            raise ValueError(f"{name} must be a dict of tensors {{name: [B, ...]}}, got {got}")
         for k, v in cond.items():
             self.add(f"{name}[{k!r}]", v, "the prompt embeddings are broken (re-encode them; check the text encoder's dtype)")
         return self

@@ -128,6 +128,8 @@ def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], check_
     """Shapes always; ``check_values`` also checks that x0 and ε are finite (a host sync)."""
     if not torch.is_tensor(x0) or x0.ndim < 2:
         raise ValueError(f"x0 must be a batched tensor of shape [B, ...], got {getattr(x0, 'shape', x0)!r}")
+    if not x0.is_floating_point():
+        raise ValueError(f"x0 must be a floating-point tensor, got {x0.dtype}")
     if check_values:
         check_finite("x0", x0)
     if t is not None:
@@ -136,8 +138,10 @@ def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], check_
             raise ValueError(f"t must have shape [B], got {tuple(t.shape)}")
         check_batch(("x0", "t"), x0, t)
     if eps is not None:
-        if eps.shape != x0.shape:
-            raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
+        if not torch.is_tensor(eps) or eps.shape != x0.shape:
+            raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(getattr(eps, 'shape', ()))}")
+        if not eps.is_floating_point():
+            raise ValueError(f"eps must be a floating-point tensor, got {eps.dtype}")
         if check_values:
             check_finite("eps", eps)
 
@@ -150,7 +154,8 @@ def _check_inputs_deferred(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor
     _check_inputs(x0, t, eps, check_values=False)
     if eps is not None:
         check_finite("eps", eps)
-    return DeferredChecks().add("x0", x0).add_cond("cond", cond or {}).add_cond("uncond", uncond or {})
+    checks = DeferredChecks().add("x0", x0)
+    return checks.add_cond("cond", {} if cond is None else cond).add_cond("uncond", {} if uncond is None else uncond)
 
 
 def _check_options(weighting: str, grad_clip: Optional[float], batch_scaling: str = "per-sample",
@@ -165,6 +170,8 @@ def _check_options(weighting: str, grad_clip: Optional[float], batch_scaling: st
 
 
 def _draw(model: VelocityModel, x0: Tensor, t, eps, min_step_percent, max_step_percent, generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if t is None:
         check_range("min_step_percent", min_step_percent, 0.0, 1.0)
         check_range("max_step_percent", max_step_percent, 0.0, 1.0)
@@ -299,7 +306,7 @@ def irfds_update(
     _check_inputs(x0, t, eps)
     check_step_size("step_size", step_size)
     check_choice("nonfinite", nonfinite, NONFINITE)
-    checks = DeferredChecks().add_cond("cond", cond).add_cond("uncond", uncond or {})
+    checks = DeferredChecks().add_cond("cond", cond).add_cond("uncond", {} if uncond is None else uncond)
     new = _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale, uncond, nonfinite, checks)[0]
     checks()
     return new
@@ -393,7 +400,7 @@ def irfds_loss(
     _check_inputs(x0, t, eps)
     check_number("reg_weight", reg_weight, low=0.0)
     check_choice("nonfinite", nonfinite, NONFINITE)
-    checks = DeferredChecks().add_cond("cond", cond).add_cond("uncond", uncond or {})
+    checks = DeferredChecks().add_cond("cond", cond).add_cond("uncond", {} if uncond is None else uncond)
     check_choice("schedule", schedule, IRFDS_SCHEDULES)
     tau = None
     if t is None and schedule == "reference":
