@@ -94,6 +94,9 @@ def test_torchvision_built_for_another_torch_fails(monkeypatch):
         pytest.skip("torchvision is not installed here")
     row = _rows(envcheck.check_torch())["torchvision"]
     assert row.status == envcheck.FAIL and "built for torch ==1.13.0" in row.detail
+    have = envcheck.dist_version("torch")  # a pin on the exact build, local label included, is fine
+    monkeypatch.setattr(envcheck.metadata, "requires", lambda d: [f"torch=={have}"] if d == "torchvision" else real(d))
+    assert _rows(envcheck.check_torch())["torchvision"].status == envcheck.OK
 
 
 @pytest.mark.slow
