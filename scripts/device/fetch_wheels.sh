@@ -21,6 +21,7 @@ WHEELS=(
   lazy-importer==0.1.0       # importlib_metadata 10 needs it
   omegaconf==2.3.0           # threestudio's configs
   typeguard==4.6.1           # threestudio.utils.typing
+  typing_extensions==4.16.0  # typeguard 4.6 needs >= 4.14; the device's version is unknown
   trimesh==5.2.0             # imported by threestudio.utils.saving
   nerfacc==0.5.3             # pure Python; its CUDA kernels JIT-build with nvcc on first use
   torchao==0.18.0            # FP8 lever (optional: the lever is skipped if it does not import)
