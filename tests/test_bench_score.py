@@ -19,26 +19,8 @@ PROMPTS = ["a hamburger", "a red panda", "FAIL: a broken run"]
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from tiny_instaflow import tiny_clip_tokenizer
-
-    d = str(tmp_path_factory.mktemp("tiny-clip"))
-    tok = tiny_clip_tokenizer()
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(image_size=24, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=16,
-    )
-    CLIPModel(cfg).eval().save_pretrained(d)
-    tok.save_pretrained(d)
-    CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}).save_pretrained(d)
-    return d
+def tiny_clip(tiny_clip_path):
+    return tiny_clip_path
 
 
 @pytest.fixture(scope="module")
