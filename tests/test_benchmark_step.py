@@ -88,7 +88,8 @@ def test_warmup_resolutions_and_profile(capsys, tmp_path):
     prof = tmp_path / "profile.txt"
     gs.main(["--tiny", "--cases", "sd3-rfds-rev", "--steps", "1", "--warmup", "1", "--warmup-resolutions", "32",
              "--profile", str(prof), "--label", "w"])
-    (r,) = _lines(capsys)
+    progress, r = _lines(capsys)  # a progress line after each early resolution, then the case
+    assert progress == {"progress": "sd3-rfds-rev", "label": "w", "warmup_s": {"32": r["warmup_s"]["32"]}}
     assert set(r["warmup_s"]) == {"32", "64"} and all(v >= 0 for v in r["warmup_s"].values())
     text = prof.read_text()
     assert text.startswith("## sd3-rfds-rev w") and "Self CPU" in text

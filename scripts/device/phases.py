@@ -34,8 +34,7 @@ def plan(smoke: bool) -> List[Phase]:
         Phase("models", "models", 120 * k, 20),
         Phase("step-eager", "step", 90 * k, 20, size + ["--cases", ALL_CASES, "--label", "eager", "--profile", "PROFILE"]),
         Phase("step-compile-sd3", "step", 150 * k, 40,
-              size + ["--cases", "sd3-rfds,sd3-rfds-rev", "--compile", "--compile-vae", "--warmup-resolutions", early,
-                      "--label", "compile+vae"]),
+              size + ["--cases", "sd3-rfds,sd3-rfds-rev", "--compile", "--compile-vae", "--label", "compile+vae"]),
     ]
     phases += [Phase(f"train:{c}", "train", (240 if smoke else 45), 20, [c]) for c in NERF_CONFIGS]
     phases += [
@@ -44,6 +43,11 @@ def plan(smoke: bool) -> List[Phase]:
               size + ["--cases", "sd3-rfds,sd3-rfds-rev", "--fp8", "--compile", "--label", "fp8+compile"]),
         Phase("step-compile-instaflow", "step", 90 * k, 40,
               size + ["--cases", "instaflow-rfds,instaflow-rfds-rev", "--compile", "--compile-vae", "--label", "compile+vae"]),
+        # compile warm-up of each shape a 3D run meets (256² then 512², B and 2B passes); one static
+        # graph per shape; a "progress" line after each resolution survives a cut
+        Phase("step-warmup-shapes", "step", 150 * k, 60,
+              size + ["--cases", "sd3-rfds-rev", "--compile", "--compile-vae", "--warmup-resolutions", early,
+                      "--label", "compile+vae, warm-up per shape"]),
     ]
     return phases
 

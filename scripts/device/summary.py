@@ -26,6 +26,9 @@ def render(folder: str, elapsed_s: float) -> str:
         if "skipped" in r:
             lines.append(f"  {r.get('model')} [{r.get('label')}]: skipped: {r['skipped']}")
             continue
+        if "progress" in r:  # warm-up seconds so far of a case (its full line follows unless it was cut)
+            lines.append(f"  {r['progress']:<19} [{r.get('label', '')}] warm-up so far {r['warmup_s']}")
+            continue
         target = TARGET_MS.get(r["case"])
         ok = "meets" if target and r["median_ms"] <= target else "misses"
         peak = r.get("peak_mem_with_build_gib")

@@ -193,6 +193,7 @@ def run_case(backend, model: str, algorithm: str, cond, uncond, args, device: to
     for res in args.warmup_resolutions:
         _, early = make_step(res)
         warmup_s[str(res)] = _wall_s(lambda: [early() for _ in range(max(1, args.warmup))], device)
+        print(json.dumps({"progress": f"{model}-{algorithm}", "label": args.label, "warmup_s": warmup_s}), flush=True)
     rgb, step = make_step(args.resolution)
     warmup_s[str(args.resolution)] = _wall_s(lambda: [step() for _ in range(args.warmup)], device)
     if device.type == "cuda":
