@@ -41,6 +41,25 @@ def tiny_clip_path(tmp_path_factory) -> str:
     return build_tiny_clip(str(tmp_path_factory.mktemp("tiny-clip")))
 
 
+@pytest.fixture
+def counted(monkeypatch):
+    """The prompt lists the real SD3 text encoder is asked to encode (calls are counted, not faked)."""
+    import functools
+
+    from threestudio_rfds.text import sd3 as text_sd3
+
+    calls = []
+    real = text_sd3.encode_sd3_prompts
+
+    @functools.wraps(real)
+    def wrapper(path, prompts, **kw):
+        calls.append(list(prompts))
+        return real(path, prompts, **kw)
+
+    monkeypatch.setattr(text_sd3, "encode_sd3_prompts", wrapper)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def ts():
     """The real threestudio package (THREESTUDIO_ROOT), or a skip with the reason."""

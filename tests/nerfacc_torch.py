@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -125,20 +125,6 @@ def test_non_string_prompts_are_named(prompts):
 
 
 # ---------------------------------------------------------------- the embedding cache
-@pytest.fixture
-def counted(monkeypatch):
-    calls = []
-    real = text_sd3.encode_sd3_prompts
-
-    @functools.wraps(real)
-    def wrapper(path, prompts, **kw):
-        calls.append(list(prompts))
-        return real(path, prompts, **kw)
-
-    monkeypatch.setattr(text_sd3, "encode_sd3_prompts", wrapper)
-    return calls
-
-
 def _encode(path, d, prompts=("a cat",)):
     return encode_prompts("sd3", path, list(prompts), cache_dir=str(d), device="cpu", max_sequence_length=8)
 

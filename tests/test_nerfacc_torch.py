@@ -17,7 +17,7 @@ import nerfacc_torch  # noqa: E402
 
 nerfacc_torch.install()
 import nerfacc  # noqa: E402
-from nerfacc.data_specs import RayIntervals, RaySamples  # noqa: E402
+from nerfacc.data_specs import RayIntervals  # noqa: E402
 from nerfacc.grid import _enlarge_aabb  # noqa: E402
 
 _C = sys.modules["nerfacc.cuda._backend"]._C

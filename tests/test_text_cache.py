@@ -8,26 +8,10 @@ import time
 import pytest
 import torch
 
-import threestudio_rfds.text.sd3 as text_sd3
 from threestudio_rfds.text import encode_prompts
 from threestudio_rfds.text.cache import EmbeddingCache, cache_key
 
 PROMPTS = ["a photo of a cat", "a red dog", "a photo of a cat"]
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Count the prompts the real SD3 encoder is asked to encode."""
-    calls = []
-    real = text_sd3.encode_sd3_prompts
-
-    @functools.wraps(real)
-    def wrapper(path, prompts, **kw):
-        calls.append(list(prompts))
-        return real(path, prompts, **kw)
-
-    monkeypatch.setattr(text_sd3, "encode_sd3_prompts", wrapper)
-    return calls
 
 
 def _files(d):
