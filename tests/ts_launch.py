@@ -28,11 +28,15 @@ PACKAGE_DIR = os.path.join(os.path.dirname(HERE), "custom", "threestudio-rfds")
 
 
 def make_launch_dir(threestudio_root: str, dest: str) -> str:
-    os.makedirs(os.path.join(dest, "custom"))
+    """Links to the checkout's entries and ``custom/threestudio-rfds`` → this package (idempotent;
+    also used by scripts/device/train.py)."""
+    os.makedirs(os.path.join(dest, "custom"), exist_ok=True)
     for entry in os.listdir(threestudio_root):
-        if entry not in ("custom", "outputs", ".threestudio_cache"):
+        if entry not in ("custom", "outputs", ".threestudio_cache") and not os.path.lexists(os.path.join(dest, entry)):
             os.symlink(os.path.join(threestudio_root, entry), os.path.join(dest, entry))
-    os.symlink(PACKAGE_DIR, os.path.join(dest, "custom", "threestudio-rfds"))
+    link = os.path.join(dest, "custom", "threestudio-rfds")
+    if not os.path.lexists(link):
+        os.symlink(PACKAGE_DIR, link)
     return dest
 
 

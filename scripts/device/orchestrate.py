@@ -92,12 +92,7 @@ def run_streaming(cmd: List[str], timeout: float, out: Out, jsonl: str, cwd: str
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-        rc = "timeout"
+    rc = train_mod.wait_or_kill(proc, timeout)
     reader.join(timeout=5)
     return rc
 

@@ -20,18 +20,19 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 PACKAGE_DIR = os.path.join(REPO, "custom", "threestudio-rfds")
 CONFIG_DIR = os.path.join(PACKAGE_DIR, "configs")
 PROMPT = "a DSLR photo of a hamburger"
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from ts_launch import make_launch_dir  # noqa: E402,F401  (one launch-dir builder for the tests and the device runs)
 
 
-def make_launch_dir(threestudio_root: str, dest: str) -> str:
-    """A threestudio work dir: links to the checkout's entries and custom/threestudio-rfds → this package."""
-    os.makedirs(os.path.join(dest, "custom"), exist_ok=True)
-    for entry in os.listdir(threestudio_root):
-        if entry not in ("custom", "outputs", ".threestudio_cache") and not os.path.exists(os.path.join(dest, entry)):
-            os.symlink(os.path.join(threestudio_root, entry), os.path.join(dest, entry))
-    link = os.path.join(dest, "custom", "threestudio-rfds")
-    if not os.path.exists(link):
-        os.symlink(PACKAGE_DIR, link)
-    return dest
+def wait_or_kill(proc: subprocess.Popen, timeout: float):
+    """The exit code of ``proc`` (started with ``start_new_session=True``), or "timeout" after
+    killing its whole process group."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        return "timeout"
 
 
 def overrides(config: str, model_path: str, steps: int, exp_root: str, smoke: bool) -> List[str]:
@@ -102,12 +103,7 @@ def train(config: str, model_path: str, launch_dir: str, work: str, steps: int, 
     with open(own_log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=launch_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            rc = "timeout"
+        rc = wait_or_kill(proc, timeout)
     rec = {"config": config, "returncode": rc, "wall_s": round(time.perf_counter() - t0, 1), "max_steps": steps,
            "nerfacc": nerfacc, **summarize(step_log)}
     with open(own_log, errors="replace") as f:
