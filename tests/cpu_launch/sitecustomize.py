@@ -15,13 +15,14 @@ the package imports it.  It only bends what threestudio hard-codes for CUDA:
 ``RFDS_TEST_FORBID_TRANSFORMERS=1`` makes every ``transformers`` model load raise: a test that a
 run reuses cached prompt embeddings without loading any text encoder.
 """
-import importlib.abc
-import importlib.machinery
 import os
 import sys
 
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TESTS = os.path.dirname(_HERE)
 sys.path.append(os.path.join(_TESTS, "placeholders"))
+sys.path.append(_HERE)  # also when this file is loaded by path (scripts/device/ts_site/sitecustomize.py)
+from post_import import PatchAfterImport  # noqa: E402
 
 
 def _cpu_trainer(module) -> None:
@@ -64,30 +65,4 @@ if os.environ.get("RFDS_TEST_FORBID_TRANSFORMERS") == "1":
     PATCHES["transformers.modeling_utils"] = _forbid_transformers
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    """Executes the module with its own loader, then applies its patch."""
-
-    def __init__(self, loader, patch):
-        self.loader, self.patch = loader, patch
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        self.loader.exec_module(module)
-        self.patch(module)
-
-
-class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Runs ``PATCHES[name](module)`` right after module ``name`` has been executed."""
-
-    def find_spec(self, name, path, target=None):
-        if name not in PATCHES:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _PatchingLoader(spec.loader, PATCHES[name])
-        return spec
-
-
-sys.meta_path.insert(0, _PatchAfterImport())
+sys.meta_path.insert(0, PatchAfterImport(PATCHES))

@@ -25,6 +25,8 @@ import types
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 _TESTS = os.path.join(_REPO, "tests")
+sys.path.append(os.path.join(_TESTS, "cpu_launch"))
+from post_import import patched_spec  # noqa: E402
 STUBS = ("wandb", "envlight", "controlnet_aux", "igl", "IPython", "pysdf", "xatlas", "mcubes")
 
 if os.environ.get("RFDS_CPU_SMOKE") == "1":  # the tests' CPU shim: Trainer → cpu, get_device → cpu, nerfacc → torch
@@ -101,28 +103,13 @@ if os.environ.get("RFDS_NERFACC") == "torch" and os.environ.get("RFDS_CPU_SMOKE"
     PATCHES["nerfacc"] = _patch_nerfacc  # (the CPU shim already does it)
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader, patch):
-        self.loader, self.patch = loader, patch
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        self.loader.exec_module(module)
-        self.patch(module)
-
-
 class _Finder(importlib.abc.MetaPathFinder):
     """Patches ``PATCHES`` modules after they run; stubs ``STUBS`` that are not installed."""
 
     def find_spec(self, name, path, target=None):
         top = name.split(".")[0]
         if name in PATCHES:
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _PatchingLoader(spec.loader, PATCHES[name])
-            return spec
+            return patched_spec(name, path, PATCHES[name])
         if top in STUBS and (name != top or importlib.machinery.PathFinder.find_spec(name, path) is None):
             if name != top and not isinstance(sys.modules.get(top), _Stub):
                 return None  # a real package's submodule
