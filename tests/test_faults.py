@@ -26,6 +26,7 @@ from PIL import Image
 
 import threestudio_rfds.text.sd3 as text_sd3
 from analytic_cases import labels, mixture
+from full_disk import fill
 from threestudio_rfds import flow, rfds as R
 from threestudio_rfds.checks import NonFiniteError
 from threestudio_rfds.text import encode_prompts
@@ -175,31 +176,6 @@ def test_cache_without_expectation_recomputes_disagreeing_entries(tmp_path):
 
     out = cache.get_or_compute(spec, ["a", "b"], compute)
     assert calls == [["a", "b"]] and out["e"].shape == (2, 4, 3)
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A real full disk: a 64 KiB tmpfs filled up (needs root and mount)."""
-    d = tmp_path / "tmpfs"
-    d.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root); the patched-ENOSPC cases cover it")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
-def fill(d):
-    fd = os.open(os.path.join(str(d), "filler"), os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture(params=["tmpfs", "patched"])
