@@ -581,11 +581,9 @@ def test_prop_net_estimator_sampling_and_loss_on_cpu():
 
 # ----------------------------------------------------------------------------- threestudio
 @pytest.fixture(scope="module")
-def ts_cpu():
+def ts_cpu(ts):
     """threestudio imported on CPU, with get_device() answering cpu for every binding."""
-    from ts_support import threestudio_or_skip
-
-    threestudio = threestudio_or_skip()
+    threestudio = ts
     from threestudio.utils import misc
 
     def _cpu_device():

@@ -21,14 +21,24 @@ PLACEHOLDERS = os.path.join(HERE, "placeholders")
 PACKAGE_DIR = os.path.join(os.path.dirname(HERE), "custom", "threestudio-rfds")
 CONFIG_DIR = os.path.join(PACKAGE_DIR, "configs")
 _state: dict = {}
+SKIP_PREFIX = "needs threestudio: "  # every skip for lack of threestudio starts so (conftest checks the marker)
+
+
+def skip_without_threestudio(reason: str) -> None:
+    """Skip with ``reason`` — or fail, where CI requires threestudio (RFDS_REQUIRE_THREESTUDIO=1), so
+    a broken threestudio set-up there cannot pass as skips."""
+    if os.environ.get("RFDS_REQUIRE_THREESTUDIO") == "1":
+        pytest.fail(f"RFDS_REQUIRE_THREESTUDIO=1 but {reason}", pytrace=False)
+    pytest.skip(SKIP_PREFIX + reason)
 
 
 def threestudio_root() -> str:
     root = os.environ.get("THREESTUDIO_ROOT")
     if not root:
-        pytest.skip("THREESTUDIO_ROOT is not set (threestudio tests need a threestudio checkout, docs/threestudio.md)")
+        skip_without_threestudio("THREESTUDIO_ROOT is not set (threestudio tests need a threestudio checkout, "
+                                 "docs/threestudio.md)")
     if not os.path.isfile(os.path.join(root, "threestudio", "__init__.py")):
-        pytest.skip(f"THREESTUDIO_ROOT={root} is not a threestudio checkout (no threestudio/__init__.py)")
+        skip_without_threestudio(f"THREESTUDIO_ROOT={root} is not a threestudio checkout (no threestudio/__init__.py)")
     return os.path.abspath(root)
 
 
@@ -36,7 +46,7 @@ def threestudio_or_skip():
     """threestudio, imported once with this package registered; skips when it cannot be."""
     root = threestudio_root()
     if "error" in _state:
-        pytest.skip(_state["error"])
+        skip_without_threestudio(_state["error"])
     if "module" not in _state:
         if root not in sys.path:
             sys.path.insert(0, root)
@@ -46,7 +56,7 @@ def threestudio_or_skip():
             import threestudio
         except ImportError as e:  # a requirement of threestudio is not installed here
             _state["error"] = f"threestudio at {root} cannot be imported in this environment: {e!r}"
-            pytest.skip(_state["error"])
+            skip_without_threestudio(_state["error"])
         import threestudio_rfds
 
         threestudio_rfds.register_threestudio()
