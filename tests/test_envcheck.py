@@ -68,7 +68,7 @@ def test_version_rules(monkeypatch):
 
 def test_cuda_extensions_warn_without_cuda_and_fail_with_it(monkeypatch):
     monkeypatch.setattr(envcheck, "dist_version", lambda d: None)
-    monkeypatch.setattr(envcheck, "nerfacc_extension_built", lambda: False)
+    monkeypatch.setattr(envcheck, "jit_extension_built", lambda prebuilt, name: False)
     monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: "no CUDA: torch is a CPU build")
     rows = envcheck.check_cuda_builds()
     assert [r.name for r in envset.CUDA_BUILDS] == [r.component for r in rows]
@@ -79,10 +79,29 @@ def test_cuda_extensions_warn_without_cuda_and_fail_with_it(monkeypatch):
     assert all(r.status == envcheck.FAIL and "fix" in r.detail for r in envcheck.check_cuda_builds())
 
 
+def test_threestudio_3dgs_rows_only_warn(tmp_path, monkeypatch):
+    """threestudio-3dgs is optional: absent, one ok row; present, its rasteriser and simple-knn rows
+    warn when not built (with or without CUDA) and name their build commands."""
+    (tmp_path / "custom").mkdir()
+    (row,) = envcheck.check_threestudio_3dgs(str(tmp_path))
+    assert row.status == envcheck.OK and "not in custom/" in row.detail
+    (tmp_path / "custom" / "threestudio-3dgs").mkdir()
+    monkeypatch.setattr(envcheck, "dist_version", lambda d: None)
+    for no_gpu in ("no CUDA: no GPU visible", None):
+        monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: no_gpu)
+        rows = envcheck.check_threestudio_3dgs(str(tmp_path))
+        assert [r.component for r in rows] == ["threestudio-3dgs", "diff-gaussian-rasterization", "simple-knn"]
+        assert [r.status for r in rows] == [envcheck.OK, envcheck.WARN, envcheck.WARN]
+        assert "ashawkey/diff-gaussian-rasterization" in rows[1].detail and "non-commercial" in rows[1].detail
+    monkeypatch.setattr(envcheck, "dist_version", lambda d: "0.0.1")
+    assert all(r.status == envcheck.OK for r in envcheck.check_threestudio_3dgs(str(tmp_path)))
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-machine verdict")
 def test_this_cpu_machine_reports_the_cuda_extensions_as_not_built():
     rows = _rows(envcheck.check_cuda_builds())
     assert rows["nerfacc CUDA extension"].status == envcheck.WARN
+    assert rows["gsplat CUDA kernels"].status == envcheck.WARN  # gsplat's JIT build needs CUDA
     assert envcheck.no_gpu_reason().startswith("no CUDA")
 
 

@@ -133,9 +133,22 @@ def test_cuda_machine_builds_the_extensions(monkeypatch):
     assert len(steps) == len(envset.CUDA_BUILDS) and all(s.may_fail for s in steps)
     assert steps[0].argv[:4] == [sys.executable, "-m", "pip", "install"] and "tiny-cuda-nn" in steps[0].argv[-1]
     assert steps[2].argv[0] == sys.executable and "nerfacc.cuda._backend" in steps[2].argv[-1]
+    assert "gsplat.cuda._backend" in steps[3].argv[-1]
     monkeypatch.setattr(setup_env.shutil, "which", lambda name: None)  # GPU, but no nvcc
     (step,) = setup_env.cuda_steps()
     assert step.argv is None and "nvcc not found" in step.what
+
+
+def test_threestudio_3dgs_builds_only_where_it_is_in_custom(tmp_path, monkeypatch):
+    monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: None)
+    monkeypatch.setattr(setup_env.shutil, "which", lambda name: "/usr/local/cuda/bin/nvcc")
+    (tmp_path / "custom").mkdir()
+    assert len(setup_env.cuda_steps(str(tmp_path))) == len(envset.CUDA_BUILDS)
+    (tmp_path / "custom" / "threestudio-3dgs").mkdir()
+    steps = setup_env.cuda_steps(str(tmp_path))
+    assert [s.argv[-1] for s in steps[-2:]] == ["git+https://github.com/ashawkey/diff-gaussian-rasterization",
+                                                "git+https://github.com/DSaurus/simple-knn.git"]
+    assert "plyfile" in envset.install_pins()  # threestudio-3dgs' Python requirement
 
 
 def test_torchvision_only_as_the_release_for_the_installed_torch(monkeypatch):

@@ -6,9 +6,10 @@ One row per component: ``ok``, ``warn`` (works, but note the detail) or ``FAIL``
 the exit status is 1 when any row fails.  Versions are read from the installed distributions'
 metadata (importlib.metadata), compared with :mod:`.envset`, the data ``rfds-setup`` installs.
 
-Without CUDA, the CUDA extensions (tinycudann, nvdiffrast, nerfacc's extension) cannot be built
-or used; they are then ``warn`` "not built (no CUDA)": the guidance, prompt processors and tests
-run, training a NeRF does not.  Where torch sees CUDA their absence is a failure.
+Without CUDA, the CUDA extensions (tinycudann, nvdiffrast, nerfacc's and gsplat's kernels) cannot
+be built or used; they are then ``warn`` "not built (no CUDA)": the guidance, prompt processors and
+tests run, training does not.  Where torch sees CUDA their absence is a failure.  threestudio-3dgs
+is optional: its rows (rasteriser, simple-knn) only warn.
 """
 from __future__ import annotations
 
@@ -140,13 +141,13 @@ def no_gpu_reason() -> Optional[str]:
     return None
 
 
-def nerfacc_extension_built() -> bool:
-    """Whether nerfacc's CUDA extension is there (prebuilt ``nerfacc.csrc`` or a finished JIT
-    build), without triggering a build."""
+def jit_extension_built(prebuilt: str, build_name: str) -> bool:
+    """Whether a compiled-on-first-use CUDA extension is there (a prebuilt module such as
+    ``nerfacc.csrc``, or a finished JIT build ``<build_name>*.so``), without triggering a build."""
     import importlib.util
 
     try:
-        if importlib.util.find_spec("nerfacc.csrc") is not None:
+        if importlib.util.find_spec(prebuilt) is not None:
             return True
     except ImportError:
         return False
@@ -158,25 +159,37 @@ def nerfacc_extension_built() -> bool:
 
     root = get_default_build_root()
     for dirpath, _dirs, files in os.walk(root):
-        if "nerfacc_cuda" in dirpath and any(f.startswith("nerfacc_cuda") and f.endswith(".so") for f in files):
+        if build_name in dirpath and any(f.startswith(build_name) and f.endswith(".so") for f in files):
             return True
     return False
 
 
+def build_row(b: envset.CudaBuild, no_gpu: Optional[str], optional: bool = False) -> Row:
+    """ok when built; without CUDA (or for an optional extension) a warning with the command; else a failure."""
+    built = jit_extension_built(*b.jit) if b.jit else dist_version(b.dist) is not None
+    if built:
+        return Row(b.name, OK, "built" if b.jit else dist_version(b.dist))
+    if no_gpu:
+        return Row(b.name, WARN, f"not built ({no_gpu}); needed for {b.why}, so training will not run here; "
+                                 f"on a CUDA machine: {b.command}")
+    if optional:
+        return Row(b.name, WARN, f"not built; needed for {b.why}; fix (needs nvcc): {b.command}")
+    return Row(b.name, FAIL, f"not built; needed for {b.why}; fix (needs nvcc): {b.command}")
+
+
 def check_cuda_builds() -> List[Row]:
-    """tinycudann, nvdiffrast, nerfacc's extension: warnings without CUDA, failures with it."""
+    """tinycudann, nvdiffrast, nerfacc's and gsplat's kernels: warnings without CUDA, failures with it."""
     no_gpu = no_gpu_reason()
-    rows = []
-    for b in envset.CUDA_BUILDS:
-        built = nerfacc_extension_built() if b.dist == "nerfacc" else dist_version(b.dist) is not None
-        if built:
-            rows.append(Row(b.name, OK, "built" if b.dist == "nerfacc" else dist_version(b.dist)))
-        elif no_gpu:
-            rows.append(Row(b.name, WARN, f"not built ({no_gpu}); needed for {b.why}, so training will not run "
-                                         f"here; on a CUDA machine: {b.command}"))
-        else:
-            rows.append(Row(b.name, FAIL, f"not built; needed for {b.why}; fix (needs nvcc): {b.command}"))
-    return rows
+    return [build_row(b, no_gpu) for b in envset.CUDA_BUILDS]
+
+
+def check_threestudio_3dgs(root: str) -> List[Row]:
+    """threestudio-3dgs is optional: a note when it is not in custom/, else its CUDA builds (warnings)."""
+    if not os.path.isdir(os.path.join(root, "custom", envset.THREESTUDIO_3DGS)):
+        return [Row(envset.THREESTUDIO_3DGS, OK, "not in custom/ (optional; rfds-gaussian-system needs only gsplat)")]
+    no_gpu = no_gpu_reason()
+    return [Row(envset.THREESTUDIO_3DGS, OK, f"in {os.path.join(root, 'custom', envset.THREESTUDIO_3DGS)}")] + [
+        build_row(b, no_gpu, optional=True) for b in envset.THREESTUDIO_3DGS_BUILDS]
 
 
 def check_hub() -> Row:
@@ -204,6 +217,8 @@ def check_environment(root: Optional[str]) -> List[Row]:
     rows += check_torch()
     rows += [check_component(c) for c in envset.COMPONENTS if c.dist != "torchvision"]
     rows += check_cuda_builds()
+    if root:
+        rows += check_threestudio_3dgs(os.path.abspath(root))
     rows.append(check_hub())
     return rows
 

@@ -48,6 +48,7 @@ COMPONENTS: Tuple[Component, ...] = (
               optional=True, fix="pip uninstall -y bitsandbytes"),
     Component("nerfacc", "nerfacc==0.5.3", ">=0.5,<0.6", "threestudio's renderers use the nerfacc 0.5 API"),
     Component("envlight", "envlight==0.1.0", "", "threestudio's mesh materials import envlight"),
+    Component("gsplat", "gsplat==1.5.3", ">=1.5,<1.6", "rfds-gaussian-system rasterises with gsplat 1.5's API"),
 )
 
 EXTRA_PINS: Tuple[str, ...] = ("plyfile", "protobuf", "scipy")  # threestudio-3dgs, T5 tokenizers, kornia/trimesh
@@ -88,9 +89,10 @@ class CudaBuild:
     """A CUDA extension: the row name, how to tell it is installed, and the command that builds it."""
 
     name: str
-    dist: str  # distribution name (nerfacc's extension: the JIT build, see envcheck)
+    dist: str  # distribution name
     command: str
     why: str
+    jit: Optional[Tuple[str, str]] = None  # compiled on first use: (prebuilt module, JIT build name)
 
 
 CUDA_BUILDS: Tuple[CudaBuild, ...] = (
@@ -101,7 +103,23 @@ CUDA_BUILDS: Tuple[CudaBuild, ...] = (
               "threestudio's mesh rasteriser (magic3d-system refinement)"),
     CudaBuild("nerfacc CUDA extension", "nerfacc",
               'python -c "from nerfacc.cuda._backend import _C; assert _C is not None"',
-              "NeRF ray marching (nerfacc compiles it on first use; this builds it once, several minutes)"),
+              "NeRF ray marching (nerfacc compiles it on first use; this builds it once, several minutes)",
+              jit=("nerfacc.csrc", "nerfacc_cuda")),
+    CudaBuild("gsplat CUDA kernels", "gsplat",
+              'python -c "from gsplat.cuda._backend import _C; assert _C is not None"',
+              "rfds-gaussian-system's rasteriser (gsplat compiles them on first use; this builds them once, "
+              "several minutes)", jit=("gsplat.csrc", "gsplat_cuda")),
+)
+
+# threestudio-3dgs (DSaurus/threestudio-3dgs, no licence; the Inria rasteriser is for non-commercial
+# research only), supported where a user put it in custom/: its CUDA builds, as its README installs them.
+THREESTUDIO_3DGS = "threestudio-3dgs"
+THREESTUDIO_3DGS_BUILDS: Tuple[CudaBuild, ...] = (
+    CudaBuild("diff-gaussian-rasterization", "diff_gaussian_rasterization",
+              "pip install --no-build-isolation git+https://github.com/ashawkey/diff-gaussian-rasterization",
+              "threestudio-3dgs' rasteriser (Inria licence: non-commercial research only)"),
+    CudaBuild("simple-knn", "simple_knn", "pip install --no-build-isolation git+https://github.com/DSaurus/simple-knn.git",
+              "threestudio-3dgs' initial splat scales"),
 )
 
 

@@ -8,8 +8,9 @@
    CUDA build nor change its version; torchvision only as the release made for that torch),
    plus threestudio's remaining requirements; conflicting or unbuildable entries are listed
    with the reason and skipped or replaced.
-3. Where torch sees a GPU and nvcc exists, build tinycudann, nvdiffrast and nerfacc's CUDA
-   extension; elsewhere print the commands and why training will not run here.
+3. Where torch sees a GPU and nvcc exists, build tinycudann, nvdiffrast, nerfacc's and gsplat's
+   CUDA kernels (and threestudio-3dgs' rasteriser and simple-knn where that extension is in
+   ``custom/``); elsewhere print the commands and why training will not run here.
 4. Link this package into ``custom/`` (``rfds-link``) and run the environment check.
 
 ``--dry-run`` prints every step and command and changes nothing.
@@ -100,15 +101,18 @@ def merge(pins: List[str], remaining: List[str]) -> List[str]:
     return list(dict.fromkeys([*pins, *(r for r in remaining if requirement_name(r) not in named)]))
 
 
-def cuda_steps() -> List[Step]:
-    """Build the CUDA extensions where possible; otherwise say why and how."""
+def cuda_steps(root: Optional[str] = None) -> List[Step]:
+    """Build the CUDA extensions where possible (threestudio-3dgs' too where it is in ``custom/``);
+    otherwise say why and how."""
     from .envcheck import no_gpu_reason
 
+    builds = list(envset.CUDA_BUILDS)
+    if root and os.path.isdir(os.path.join(root, "custom", envset.THREESTUDIO_3DGS)):
+        builds += envset.THREESTUDIO_3DGS_BUILDS
     reason = no_gpu_reason() or (None if shutil.which("nvcc") else "nvcc not found (install the CUDA toolkit)")
     if reason is None:
-        return [Step(f"build {b.name} ({b.why})", _argv(b.command), may_fail=True)
-                for b in envset.CUDA_BUILDS]
-    notes = [f"{b.name}: {b.command}" for b in envset.CUDA_BUILDS]
+        return [Step(f"build {b.name} ({b.why})", _argv(b.command), may_fail=True) for b in builds]
+    notes = [f"{b.name}: {b.command}" for b in builds]
     return [Step(f"CUDA extensions: not built ({reason}); training (launch.py --train) will not run here. "
                  "On a machine with CUDA and nvcc run:", notes=notes)]
 
@@ -146,7 +150,7 @@ def plan(root: str, cloned_later: bool = False) -> List[Step]:
     reqs = merge([f"torch=={torch_v.public}", *tv_reqs, *envset.install_pins()], remaining)
     steps.append(Step(f"install the known-good set around torch {torch_v} (pinned to itself) and threestudio's "
                       "remaining requirements", pip(*reqs), notes=note))
-    steps += cuda_steps()
+    steps += cuda_steps(root)
     steps.append(Step(f"link this package into {os.path.join(root, 'custom')}",
                       action=lambda: print(f"    {link(root)}")))
     steps.append(Step("check the environment", [sys.executable, "-m", "threestudio_rfds.adapter.envcheck", root],
