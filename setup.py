@@ -52,7 +52,10 @@ setup(
             "sentencepiece>=0.1.99",
             "protobuf>=3.20",
             "submitit>=1.5",  # rfds-bench's SLURM path is tested through submitit's local executors
+            "gsplat>=1.5,<1.6",  # the Gaussian-splat path, tested on the CPU through tests/gsplat_torch.py
+            "plyfile>=1.0",  # parses exported 3DGS PLY files independently of our writer
         ],
+        "gs": ["gsplat>=1.5,<1.6"],  # rfds-gaussian-system (CUDA kernels compile on first use)
         "slurm": ["submitit>=1.5"],  # rfds-bench run --executor slurm
     },
     entry_points={

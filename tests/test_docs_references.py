@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 DOCS = sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))
-MODULES = ("flow", "rfds", "protocol", "analytic", "checks", "backends", "text", "tools", "bench", "adapter",
+MODULES = ("flow", "rfds", "protocol", "analytic", "checks", "backends", "text", "tools", "bench", "adapter", "splats",
            "steptime")
 # `flow.interpolate`, `rfds.rfds_rev`, `backends.sd3.SD3Backend`, "— rfds.irfds_update", FlowConvention.to_velocity
 NAME = re.compile(r"(?:`|— )((?:%s)(?:\.[A-Za-z_][A-Za-z0-9_]*)+)" % "|".join(MODULES + ("FlowConvention",)))

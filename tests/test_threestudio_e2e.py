@@ -38,8 +38,8 @@ PROMPT = "a ceramic vase with peonies"
 STEPS, EVERY = 6, 3
 
 
-def test_every_shipped_config_is_covered():
-    assert set(NERF_CONFIGS) | NOT_ON_CPU == set(shipped_configs())
+def test_every_shipped_config_is_covered():  # the *-gs.yaml configs: test_threestudio_e2e_gs.py
+    assert set(NERF_CONFIGS) | NOT_ON_CPU == {c for c in shipped_configs() if not c.endswith("-gs.yaml")}
 
 
 @pytest.fixture(scope="module")

@@ -132,3 +132,34 @@ def png_std(path: str, width: Optional[int] = None) -> float:
 
     img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
     return float(img[:, :width].std() if width else img.std())
+
+
+def gs_overrides(cfg, model_path: str, *, max_steps: int = 6, every: int = 3, refine_stop: int = 5) -> List[str]:
+    """CPU-sized overrides of a shipped Gaussian-splat config: 2 views of 32², 256 splats, densify
+    and prune every 2 steps from step 1 to ``refine_stop`` with thresholds every splat passes."""
+    out = [
+        "data.batch_size=2", "data.width=32", "data.height=32", "data.eval_width=32", "data.eval_height=32",
+        "data.n_val_views=1", "data.n_test_views=2", "system.geometry.num_gaussians=256",
+        f"system.guidance.pretrained_model_name_or_path={model_path}",
+        f"system.prompt_processor.pretrained_model_name_or_path={model_path}", "system.guidance.seed=0",
+        "system.strategy.default.refine_start_iter=1", "system.strategy.default.refine_every=2",
+        f"system.strategy.default.refine_stop_iter={refine_stop}", "system.strategy.default.grow_grad2d=1e-12",
+        "system.strategy.mcmc.refine_start_iter=1", "system.strategy.mcmc.refine_every=2",
+        f"system.strategy.mcmc.refine_stop_iter={refine_stop}",
+        f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}", "trainer.log_every_n_steps=1",
+        "trainer.num_sanity_val_steps=0", "checkpoint.save_last=true", "checkpoint.save_top_k=-1",
+        f"checkpoint.every_n_train_steps={every}",
+    ]
+    if "instaflow" in cfg.system.guidance_type:
+        out.append("system.guidance.latent_size=[64,64]")  # the tiny UNet: 8×8 latents
+    return out
+
+
+def export(launch_dir: str, parsed_config: str, ckpt: str, overrides: List[str], log: str,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python launch.py --config CONFIG --export --gpu 0 resume=CKPT OVERRIDES`` (threestudio's export)."""
+    cmd = [sys.executable, "launch.py", "--config", parsed_config, "--export", "--gpu", "0", f"resume={ckpt}",
+           *overrides]
+    with open(log, "w") as f:
+        return subprocess.run(cmd, cwd=launch_dir, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT,
+                              timeout=timeout, stdin=subprocess.DEVNULL)

@@ -3,6 +3,7 @@
     rfds-sd3-guidance, rfds-rev-sd3-guidance, rfds-instaflow-guidance, rfds-rev-instaflow-guidance
     rfds-sd3-prompt-processor, rfds-instaflow-prompt-processor
     aliases for the paper's configs: RFDS, RFDS-Rev, RFDS-sd3, RFDS-Rev-sd3, sd3-prompt-processor, rf-system
+    Gaussian splats on gsplat: rfds-gaussians, rfds-gsplat-renderer, rfds-gaussian-system, rfds-gaussian-exporter
 
 Only this subpackage imports threestudio, and only when :func:`register` is called.
 """
@@ -15,12 +16,16 @@ __all__ = ["register", "registered_names"]
 
 
 def _classes() -> Dict[str, type]:
+    from .gaussians.exporter import EXPORTERS
+    from .gaussians.geometry import GEOMETRIES
+    from .gaussians.renderer import RENDERERS
+    from .gaussians.system import SYSTEMS as GAUSSIAN_SYSTEMS
     from .guidance import GUIDANCES, REFERENCE_ALIASES
     from .prompt_processor import PROMPT_PROCESSORS, SD3PromptProcessor
     from .system import SYSTEMS
 
     return {**GUIDANCES, **PROMPT_PROCESSORS, **REFERENCE_ALIASES, "sd3-prompt-processor": SD3PromptProcessor,
-            **SYSTEMS}
+            **SYSTEMS, **GEOMETRIES, **RENDERERS, **GAUSSIAN_SYSTEMS, **EXPORTERS}
 
 
 def _same(a: type, b: type) -> bool:
