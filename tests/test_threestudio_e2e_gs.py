@@ -113,14 +113,41 @@ def test_gaussian_config_trains_resumes_and_exports(tmp_path, launch_dir, models
 
     # threestudio's --export from the checkpoint: the PLY and, asked for, the density mesh
     log3 = str(tmp_path / "export.log")
-    proc = export(launch_dir, os.path.join(trial, "configs", "parsed.yaml"), os.path.join(trial, "ckpts", "last.ckpt"),
-                  ["system.exporter.mesh=true", "system.exporter.mesh_resolution=24",
-                   "system.exporter.mesh_threshold=0.05"], log3)
-    assert proc.returncode == 0, log_tail(log3)
     out_dir = os.path.join(trial, "save", f"it{STEPS + 2}-export")
+    args = (launch_dir, os.path.join(trial, "configs", "parsed.yaml"), os.path.join(trial, "ckpts", "last.ckpt"),
+            ["system.exporter.mesh=true", "system.exporter.mesh_resolution=24", "system.exporter.mesh_threshold=0.05"])
+    if name == "rfds-sd3-gs.yaml":  # an export folder that is a file: one line, nothing written
+        os.rename(out_dir, out_dir + ".kept")
+        open(out_dir, "w").close()
+        proc = export(*args, log3)
+        assert proc.returncode != 0 and "exists and is not a folder; move it away" in log_tail(log3, 3), log_tail(log3)
+        os.remove(out_dir)
+        os.rename(out_dir + ".kept", out_dir)
+    proc = export(*args, log3)
+    assert proc.returncode == 0, log_tail(log3)
     exported = read_ply(os.path.join(out_dir, "gaussians.ply"))
     assert np.allclose(np.stack([exported[f"rot_{i}"] for i in range(4)], 1),
                        again["state_dict"]["geometry.splats.quats"].numpy())
     faces = [ln for ln in open(os.path.join(out_dir, "mesh.obj")) if ln.startswith("f ")]
     assert faces, "the exported mesh has no faces"
     assert not [f for f in os.listdir(out_dir) if f.startswith(".tmp-")]
+
+
+def test_mcmc_strategy_trains_through_launch(tmp_path, launch_dir, models):
+    """``system.strategy_type=mcmc``, one override on a shipped config: gsplat's MCMCStrategy
+    relocates dead splats and adds new ones up to ``cap_max`` (its ``lr`` is the means' group's)."""
+    name = "rfds-instaflow-gs.yaml"
+    exp = str(tmp_path / "outputs")
+    overrides = gs_overrides(OmegaConf.load(os.path.join(CONFIG_DIR, name)), models["instaflow"], max_steps=5,
+                             every=5, refine_stop=5) + [
+        "system.strategy_type=mcmc", "system.strategy.mcmc.cap_max=300", f"system.prompt_processor.prompt={PROMPT}",
+        f"exp_root_dir={exp}", "use_timestamp=false", "system.prompt_processor.spawn=false",
+        "system.export_ply_at_end=false"]
+    log = str(tmp_path / "train.log")
+    proc = launch(launch_dir, f"custom/threestudio-rfds/configs/{name}", overrides, log)
+    assert proc.returncode == 0, log_tail(log)
+    trial = trial_dir(exp)
+    count = logged_values(logged_metrics(trial, 0), "train/num_gaussians")
+    assert count[0] == 256 and 256 < count[4] <= 300, count  # sample_add: +5 % per refine, capped
+    assert all_finite(logged_values(logged_metrics(trial, 0), "train/loss_rfds").values())
+    assert not os.path.exists(os.path.join(trial, "save", "it5-export"))
