@@ -43,6 +43,9 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     """``None``/"auto" → bf16 on CUDA (no consistent speed difference to fp16 measured on an H100,
     and fp32's exponent range; docs/performance.md), fp32 on CPU."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in (*DTYPES.values(), torch.float64):
+            raise ValueError(f"dtype must be torch.float32, float16, bfloat16 or float64 (or one of "
+                             f"{['auto', *DTYPES]}), got {dtype}: the models compute in these floating-point types")
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -23,6 +23,7 @@ from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
 from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, latent_noise_shape, load_component,
                    maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
+from .family import check_family
 
 DEFAULT_MODEL = "XCLIU/2_rectified_flow_from_sd_1_5"
 # the reference names runwayml/stable-diffusion-v1-5, since removed from the hub; this is its official mirror
@@ -267,6 +268,11 @@ class InstaFlowBackend:
         dt = resolve_dtype(dtype, dev)
         kw = hub_kwargs(revision, local_files_only)
         path = pretrained_model_name_or_path
+        sources = [(path, revision), (vae_path, revision)] + [(unet_delta[k], None) for k in ("base", "finetuned")
+                                                              if unet_delta]
+        for source, rev in sources:  # every folder the UNet and VAE come from is an SD1.5-family model
+            if source is not None:
+                check_family("instaflow", source, rev, local_files_only)
         # the delta is added in fp32, then the merged UNet is cast to dt
         unet = load_component(UNet2DConditionModel, path, "unet", torch_dtype=torch.float32 if unet_delta else dt, **kw)
         if unet_delta:

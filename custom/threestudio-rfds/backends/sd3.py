@@ -18,6 +18,7 @@ from ..checks import check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
 from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, latent_noise_shape, load_component,
                    maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
+from .family import check_family
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 LATENT_CHANNELS = 16
@@ -96,6 +97,7 @@ class SD3Backend:
         dtype = resolve_dtype(dtype, device)
         kw = hub_kwargs(revision, local_files_only)
         path = pretrained_model_name_or_path
+        check_family("sd3", path, revision, local_files_only)
         scheduler = load_component(FlowMatchEulerDiscreteScheduler, path, "scheduler", **kw)
         if scheduler.config.get("use_dynamic_shifting", False) and shift is None:
             raise ValueError(f"{path!r} uses resolution-dependent (dynamic) shifting; pass a fixed shift=")
