@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import flow
-from ..checks import check_choice, check_shape
+from ..checks import DeferredChecks, check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
 from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, latent_noise_shape, load_component,
                    maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
@@ -370,17 +370,23 @@ class InstaFlowBackend:
         check_shape("x_t", x_t, ndim=4, channels=LATENT_CHANNELS)
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must have shape [B] = [{x_t.shape[0]}], got {tuple(t.shape)}")
-        if "encoder_hidden_states" not in cond:
-            raise ValueError(f"InstaFlow cond needs key 'encoder_hidden_states' [B, 77, D], got keys {sorted(cond)}")
+        self.check_cond(cond)
         ehs = expand_cond(cond, x_t.shape[0])["encoder_hidden_states"]
-        if ehs.ndim != 3 or ehs.shape[-1] != self.cross_attention_dim:
-            raise ValueError(
-                f"encoder_hidden_states must be [B, L, {self.cross_attention_dim}], got {tuple(ehs.shape)}"
-            )
         timestep = convention.model_timestep(t.to(self.device, torch.float32))
         out = self.unet(x_t.to(self.device, self.dtype), timestep,
                         encoder_hidden_states=ehs.to(self.device, self.dtype)).sample
         return convention.to_velocity(out).to(x_t.dtype)
+
+    def check_cond(self, cond: Cond, name: str = "cond") -> None:
+        """The key and width the UNet needs; one line naming ``name``, the key, the shape given and
+        the shape needed (called by ``cfg_velocity`` for cond and uncond)."""
+        if "encoder_hidden_states" not in cond:
+            raise ValueError(f"{name}: the InstaFlow condition needs key 'encoder_hidden_states' [B, 77, D], got keys "
+                             f"{sorted(cond)}")
+        ehs = cond["encoder_hidden_states"]
+        if ehs.ndim != 3 or ehs.shape[-1] != self.cross_attention_dim:
+            raise ValueError(f"{name}['encoder_hidden_states'] must be [B, L, {self.cross_attention_dim}] (the UNet's "
+                             f"cross_attention_dim), got {tuple(ehs.shape)}")
 
     def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """v_t = −UNet(x_t, convention.model_timestep(t), c)  (InstaFlow predicts x0 − ε)."""
@@ -393,9 +399,11 @@ class InstaFlowBackend:
             height, width = self.latent_size
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
-    def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """z = 0.18215 · sample(VAE.enc(2·rgb − 1)), differentiable wrt rgb [B,3,H,W] in [0,1]."""
-        x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor)
+    def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None,
+               checks: Optional[DeferredChecks] = None) -> Tensor:
+        """z = 0.18215 · sample(VAE.enc(2·rgb − 1)), differentiable wrt rgb [B,3,H,W] in [0,1]; rgb is
+        checked as in SD3Backend.encode (base.check_rgb, queued on ``checks`` when given)."""
+        x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor, checks)
         posterior = self.vae.encode(vae_input(x.to(self.device, self.dtype), self.vae_channels_last)).latent_dist
         return (posterior.sample(generator) * self.scaling_factor).to(rgb.dtype)
 
