@@ -14,6 +14,11 @@ Sharing: entries and the lock are created with the permissions of the user's uma
 002`` and a group-writable folder let a group share one cache).  A cache that cannot be written
 (full disk, read-only folder, unreadable entry) never costs the computed embeddings: they are
 returned and one warning line is logged (logger ``threestudio_rfds``).
+
+Limit: a local model is fingerprinted by (file, size, mtime) of its text-encoder and tokenizer
+files (:func:`model_fingerprint`, as git's index does), not by hashing the weights; weights
+replaced by files of the same sizes and mtimes are served the old embeddings.  Clear the cache
+after such a swap: ``rm -rf <cache_dir>`` (docs/tools.md, "Guarantees").
 """
 from __future__ import annotations
 
