@@ -204,14 +204,14 @@ def check_hub() -> Row:
     return Row("hub cache", OK, f"{detail}; CLI {hf}")
 
 
-def no_cuda_line() -> str:
-    """The line for a machine where torch cannot use a GPU: "this machine has no CUDA; training needs a GPU (why)"."""
-    return f"{NO_CUDA} ({no_gpu_reason().split(': ', 1)[-1]})"
-
-
 PURPOSES = ("libraries", "training")
 NO_CUDA = "this machine has no CUDA; training needs a GPU"
 TRAINING_NEEDS = ("extension link", *(b.name for b in envset.CUDA_BUILDS))  # warnings that stop launch.py --train
+
+
+def no_cuda_line() -> str:
+    """The line for a machine where torch cannot use a GPU: "this machine has no CUDA; training needs a GPU (why)"."""
+    return f"{NO_CUDA} ({no_gpu_reason().split(': ', 1)[-1]})"
 
 
 def check_environment(root: Optional[str], purpose: str = "libraries") -> List[Row]:

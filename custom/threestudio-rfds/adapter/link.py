@@ -156,6 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     add_purpose_arg(p)
     args = p.parse_args(argv)
+    if args.purpose != "libraries" and not args.check:
+        p.error("--for applies to --check: rfds-link ROOT --check --for training")
     root = os.path.abspath(args.root)
     if args.check:
         from .envcheck import report

@@ -47,7 +47,7 @@ class UsageError(ValueError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C (or SIGTERM) during step ``n``."""
+    """Ctrl-C during step ``n``."""
 
     def __init__(self, n: int, step: "Step"):
         super().__init__(n, step)
