@@ -5,7 +5,6 @@ needs no write access; a cache path that is a file is a one-line error."""
 import logging
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -104,53 +103,25 @@ def test_an_entry_of_another_merge_under_this_name_is_not_used(tiny_instaflow_pa
     assert "another merge" in msg
 
 
-def _read_only_copy(src, tmp_path):
-    """``src`` copied into a folder nobody can write to: a read-only tmpfs for root, else chmod."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if os.geteuid() == 0:
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(ro)],
-                          capture_output=True).returncode != 0:
-            pytest.skip("root cannot mount a tmpfs here, and permissions do not stop root")
-        shutil.copytree(src, ro, dirs_exist_ok=True)
-        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
-        return ro
-    shutil.copytree(src, ro, dirs_exist_ok=True)
-    for d, _, files in os.walk(ro):
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o444)
-        os.chmod(d, 0o555)
-    return ro
-
-
-def _unmount(ro):
-    if os.geteuid() == 0:
-        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
-    else:
-        os.chmod(ro, 0o755)
-
-
 def test_a_read_only_cache_serves_hits_and_computes_misses(tiny_instaflow_path, sources, expected, tmp_path, caplog,
-                                                           monkeypatch):
+                                                           monkeypatch, read_only_copy):
     cache = tmp_path / "cache"
     _load(tiny_instaflow_path, sources, cache)
-    ro = _read_only_copy(cache, tmp_path)
-    try:
-        def no_reads(*a, **k):
-            raise AssertionError("the base and fine-tuned UNets were read despite a cached merge")
+    ro = read_only_copy(cache)
 
-        with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="threestudio_rfds"):
-            m.setattr(InstaFlowBackend, "_load_delta", staticmethod(no_reads))
-            _assert_merge(_load(tiny_instaflow_path, sources, ro), expected)  # a hit: no lock, no write
-        assert not _warnings(caplog)
-        with caplog.at_level(logging.WARNING, logger="threestudio_rfds"):  # a miss: merged, one warning
-            half = _load(tiny_instaflow_path, {**sources, "alpha": 0.5}, ro)
-        (msg,) = _warnings(caplog)
-        assert "cannot write" in msg and str(ro) in msg and "uncached" in msg
-        inst = InstaFlowBackend(tiny_instaflow_path, device="cpu", dtype="fp32").unet.conv_in.weight
-        torch.testing.assert_close(half.unet.conv_in.weight, inst + 0.5 * (expected["conv_in.weight"] - inst))
-    finally:
-        _unmount(ro)
+    def no_reads(*a, **k):
+        raise AssertionError("the base and fine-tuned UNets were read despite a cached merge")
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="threestudio_rfds"):
+        m.setattr(InstaFlowBackend, "_load_delta", staticmethod(no_reads))
+        _assert_merge(_load(tiny_instaflow_path, sources, ro), expected)  # a hit: no lock, no write
+    assert not _warnings(caplog)
+    with caplog.at_level(logging.WARNING, logger="threestudio_rfds"):  # a miss: merged, one warning
+        half = _load(tiny_instaflow_path, {**sources, "alpha": 0.5}, ro)
+    (msg,) = _warnings(caplog)
+    assert "cannot write" in msg and str(ro) in msg and "uncached" in msg
+    inst = InstaFlowBackend(tiny_instaflow_path, device="cpu", dtype="fp32").unet.conv_in.weight
+    torch.testing.assert_close(half.unet.conv_in.weight, inst + 0.5 * (expected["conv_in.weight"] - inst))
 
 
 def test_a_cache_path_that_is_a_file_is_one_line(tiny_instaflow_path, sources, tmp_path):

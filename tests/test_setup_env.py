@@ -1,6 +1,8 @@
 """rfds-setup: the plan it prints and runs (pip commands around the installed torch, threestudio's
 requirements split into installed / replaced / skipped, the CUDA branch), --dry-run changing
 nothing, and its usage errors.  The full install is not run here (CI runs `rfds-setup DIR --yes`)."""
+import os
+import signal
 import subprocess
 import sys
 from importlib import metadata
@@ -198,42 +200,17 @@ def test_docs_list_every_requirement_rfds_setup_replaces_or_skips():
 
 
 # ---------------------------------------------------------------- preflight, last line, Ctrl-C (issues 20, 21)
-def _read_only(folder, tmp_path):
-    """A read-only copy of ``folder`` (a read-only tmpfs for root, whom permissions do not stop)."""
-    import os
-    import shutil
-
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if os.geteuid() == 0:
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(ro)], capture_output=True).returncode:
-            pytest.skip("root cannot mount a tmpfs here")
-        shutil.copytree(folder, ro, dirs_exist_ok=True)
-        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
-    else:
-        shutil.copytree(folder, ro, dirs_exist_ok=True)
-        for d, _, _ in os.walk(ro):
-            os.chmod(d, 0o555)
-    return ro
-
-
-def test_a_read_only_checkout_is_refused_before_pip(checkout, tmp_path, capsys, monkeypatch):
-    ro = _read_only(checkout, tmp_path)
+def test_a_read_only_checkout_is_refused_before_pip(checkout, capsys, monkeypatch, read_only_copy):
+    ro = read_only_copy(checkout)
     monkeypatch.setattr(setup_env, "run", lambda steps: pytest.fail("a step ran"))
-    try:
-        for extra in (["--yes"], ["--dry-run"]):
-            assert setup_env.main([str(ro), *extra]) == 2
-            err = capsys.readouterr().err
-            assert err.startswith("rfds-setup: error: the link step would fail, so nothing was installed: ") and \
-                f"{ro}/custom is not writable" in err and err.count("\n") == 1, err
-    finally:
-        if __import__("os").geteuid() == 0:
-            subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+    for extra in (["--yes"], ["--dry-run"]):
+        assert setup_env.main([str(ro), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rfds-setup: error: the link step would fail, so nothing was installed: ") and \
+            f"{ro}/custom is not writable" in err and err.count("\n") == 1, err
 
 
 def test_a_foreign_link_is_refused_before_pip_unless_force(checkout, tmp_path, capsys, no_subprocess):
-    import os
-
     (tmp_path / "older").mkdir()
     os.symlink(tmp_path / "older", checkout / "custom" / "threestudio-rfds")
     assert setup_env.main([str(checkout), "--yes"]) == 2
@@ -278,9 +255,6 @@ sys.exit(setup_env.main([sys.argv[1], "--yes"]))
 
 
 def test_ctrl_c_during_pip_is_one_line_saying_rerunning_is_safe(checkout):
-    import os
-    import signal
-
     p = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, str(checkout)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
