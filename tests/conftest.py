@@ -113,3 +113,35 @@ def workdir(tmp_path_factory):
     os.chdir(d)
     yield d
     os.chdir(old)
+
+
+@pytest.fixture
+def read_only_copy(tmp_path):
+    """``copy(src)`` → a copy of folder ``src`` that nobody can write to: a read-only tmpfs for
+    root (whom permissions do not stop), else the copy with its write bits removed."""
+    import shutil
+    import subprocess
+
+    mounts = []
+
+    def copy(src):
+        ro = tmp_path / f"ro{len(mounts)}"
+        ro.mkdir()
+        if os.geteuid() == 0:
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(ro)],
+                              capture_output=True).returncode:
+                pytest.skip("root cannot mount a tmpfs here, and permissions do not stop root")
+            mounts.append(ro)
+            shutil.copytree(src, ro, dirs_exist_ok=True)
+            subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        else:
+            shutil.copytree(src, ro, dirs_exist_ok=True)
+            for d, _, files in os.walk(ro):
+                for f in files:
+                    os.chmod(os.path.join(d, f), 0o444)
+                os.chmod(d, 0o555)
+        return ro
+
+    yield copy
+    for ro in mounts:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)

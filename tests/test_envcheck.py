@@ -145,3 +145,71 @@ def test_real_bad_pins_fail_the_check(tmp_path):
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode != 0 or probe.stdout.strip() == "False", probe.stdout
     print(f"bad-pin install {install_s:.1f} s")
+
+
+# ---------------------------------------------------------------- the link row (issues 20, 21)
+def _bin_env():
+    """PATH with this interpreter's scripts first, so a suggested `rfds-link …` runs this package's."""
+    return {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+
+
+@pytest.mark.parametrize("state, status, says", [
+    ("absent", envcheck.WARN, "not linked yet"),
+    ("broken", envcheck.FAIL, "is a broken link to"),
+    ("other", envcheck.WARN, "links to"),
+    ("copy", envcheck.WARN, "is a copy, not a link: launch.py loads that copy"),
+    ("file", envcheck.FAIL, "is a file, not this package"),
+])
+def test_each_link_state_has_a_fix_that_works(tmp_path, state, status, says):
+    root = _checkout(tmp_path)
+    target = root / "custom" / "threestudio-rfds"
+    if state == "broken":
+        os.symlink(tmp_path / "moved-away", target)
+    elif state == "other":
+        (tmp_path / "older").mkdir()
+        os.symlink(tmp_path / "older", target)
+    elif state == "copy":
+        target.mkdir()
+        (target / "__init__.py").write_text("")
+    elif state == "file":
+        target.write_text("x")
+    row = _rows(envcheck.check_threestudio(str(root)))["extension link"]
+    assert row.status == status and says in row.detail and "is not this package;" not in row.detail, row
+    fix = row.detail.split("; fix: ")[1]
+    r = subprocess.run(["bash", "-c", fix], env=_bin_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (fix, r.stdout, r.stderr)
+    assert _rows(envcheck.check_threestudio(str(root)))["extension link"].status == envcheck.OK
+    if state in ("copy", "file"):  # moved aside, never deleted; launch.py skips *_disabled
+        assert (root / "custom" / "threestudio-rfds_disabled").exists()
+
+
+def _no_cuda(monkeypatch, reason="no CUDA: torch is a CPU build"):
+    monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: reason)
+    monkeypatch.setattr(envcheck, "nerfacc_extension_built", lambda: False)
+
+
+def test_without_cuda_the_check_says_training_needs_a_gpu(tmp_path, capsys, monkeypatch):
+    root = _checkout(tmp_path)
+    rfds_link.main([str(root)])
+    _no_cuda(monkeypatch)
+    status = rfds_link.main([str(root), "--check"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("this machine has no CUDA; training needs a GPU (torch is a CPU build)"), lines
+    assert status == (1 if "FAILED" in lines[-1] else 0)  # the libraries check: no-CUDA rows are warnings
+    assert rfds_link.main([str(root), "--check", "--for", "training"]) == 1  # cannot train here
+    rows = _rows(envcheck.check_environment(str(root), "training"))
+    assert rows["GPU"].status == envcheck.FAIL and rows["GPU"].detail.startswith(envcheck.NO_CUDA)
+    assert rows["tinycudann"].status == envcheck.FAIL
+    out = capsys.readouterr().out
+    assert "GPU                     FAIL  this machine has no CUDA; training needs a GPU" in out
+
+
+def test_with_cuda_and_the_builds_the_training_check_passes_those_rows(tmp_path, monkeypatch):
+    root = _checkout(tmp_path)
+    monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: None)
+    monkeypatch.setattr(envcheck, "nerfacc_extension_built", lambda: True)
+    real = envcheck.dist_version
+    monkeypatch.setattr(envcheck, "dist_version", lambda d: "9.9" if d in ("tinycudann", "nvdiffrast") else real(d))
+    rows = _rows(envcheck.check_environment(str(root), "training"))
+    assert "GPU" not in rows and rows["tinycudann"].status == envcheck.OK
+    assert rows["extension link"].status == envcheck.FAIL  # launch.py --train needs the plugin linked

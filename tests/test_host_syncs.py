@@ -1,12 +1,14 @@
 """A guidance step (VAE encode, CFG velocity, target, backward) queues its work without a host
-sync: the only syncing call is the deferred finiteness check of x0, made after every model call
-has been queued (issue: no per-step host syncs).  Recorded on CPU with a TorchFunctionMode."""
+sync: the only syncing call is the deferred check of the render, x0, v̂, g and the loss value,
+made after every model call has been queued (issue: no per-step host syncs).  Recorded on CPU
+with a TorchFunctionMode."""
 import pytest
 import torch
 
 from random_conds import random_conds
 from sync_recorder import SyncRecorder
 from threestudio_rfds import rfds as core
+from threestudio_rfds.checks import DeferredChecks
 from threestudio_rfds.backends import load_backend
 
 DEFERRED_CHECK = ("__bool__", "checks.py")
@@ -37,8 +39,10 @@ def test_one_deferred_sync_per_step(backend, algorithm, cfg_batched, seeded):
     backend.velocity = logged_velocity
     try:
         with SyncRecorder() as rec:
-            x0 = backend.encode(rgb, generator=gen)
-            out = getattr(core, algorithm)(backend, x0, cond, uncond, 7.5, cfg_batched=cfg_batched, generator=gen)
+            checks = DeferredChecks()  # the render's value check joins the step's one sync
+            x0 = backend.encode(rgb, generator=gen, checks=checks)
+            out = getattr(core, algorithm)(backend, x0, cond, uncond, 7.5, cfg_batched=cfg_batched, generator=gen,
+                                           checks=checks)
             calls.append("step returned")
             out.loss.backward()
     finally:
@@ -69,7 +73,8 @@ def test_one_sync_per_step_on_cuda(tiny_sd3_path, algorithm):
     rgb = torch.rand(2, 3, 64, 64, device="cuda", requires_grad=True)
 
     def step():
-        out = getattr(core, algorithm)(backend, backend.encode(rgb), cond, uncond, 7.5)
+        checks = DeferredChecks()
+        out = getattr(core, algorithm)(backend, backend.encode(rgb, checks=checks), cond, uncond, 7.5, checks=checks)
         out.loss.backward()
 
     step()  # warm-up: lazy initialisation may sync once

@@ -173,7 +173,7 @@ def test_bad_latents_and_cond(backend, embeds):
         backend.velocity(torch.randn(2, 16, 66, 8), t, cond)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         backend.velocity(torch.randn(2, 16, 8, 8), t, {"prompt_embeds": cond["prompt_embeds"]})
-    with pytest.raises(ValueError, match=r"prompt_embeds must be \[B, L, 48\]"):
+    with pytest.raises(ValueError, match=r"cond\['prompt_embeds'\] must be \[B, L, 48\]"):
         backend.velocity(torch.randn(2, 16, 8, 8), t, {**cond, "prompt_embeds": torch.randn(2, 5, 4096)})
     with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
         backend.velocity(torch.randn(2, 16, 8, 8), torch.tensor(0.5), cond)

@@ -1,6 +1,8 @@
 """rfds-setup: the plan it prints and runs (pip commands around the installed torch, threestudio's
 requirements split into installed / replaced / skipped, the CUDA branch), --dry-run changing
 nothing, and its usage errors.  The full install is not run here (CI runs `rfds-setup DIR --yes`)."""
+import os
+import signal
 import subprocess
 import sys
 from importlib import metadata
@@ -208,3 +210,80 @@ def test_docs_list_every_requirement_rfds_setup_replaces_or_skips():
     table = doc[doc.index("| entry | what rfds-setup does | why |"):doc.index("### The check")]
     for name in envset.REQUIREMENT_POLICY:
         assert f"`{name}" in table, name
+
+
+# ---------------------------------------------------------------- preflight, last line, Ctrl-C (issues 20, 21)
+def test_a_read_only_checkout_is_refused_before_pip(checkout, capsys, monkeypatch, read_only_copy):
+    ro = read_only_copy(checkout)
+    monkeypatch.setattr(setup_env, "run", lambda steps: pytest.fail("a step ran"))
+    for extra in (["--yes"], ["--dry-run"]):
+        assert setup_env.main([str(ro), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rfds-setup: error: the link step would fail, so nothing was installed: ") and \
+            f"{ro}/custom is not writable" in err and err.count("\n") == 1, err
+
+
+def test_a_foreign_link_is_refused_before_pip_unless_force(checkout, tmp_path, capsys, no_subprocess):
+    (tmp_path / "older").mkdir()
+    os.symlink(tmp_path / "older", checkout / "custom" / "threestudio-rfds")
+    assert setup_env.main([str(checkout), "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert "links to" in err and "(or pass --force)" in err
+    assert setup_env.main([str(checkout), "--dry-run", "--force"]) == 0
+
+
+def _fake_plan(monkeypatch, pip_argv):
+    steps = [setup_env.Step("install the known-good set (stand-in)", pip_argv),
+             setup_env.Step("link", action=lambda: None),
+             setup_env.Step("check the environment", [sys.executable, "-c", "pass"], is_check=True)]
+    monkeypatch.setattr(setup_env, "plan", lambda root, cloned_later=False, force=False: steps)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_last_line_says_whether_this_machine_can_train(checkout, capsys, monkeypatch, gpu):
+    _fake_plan(monkeypatch, [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: None if gpu else "no CUDA: torch is a CPU build")
+    assert setup_env.main([str(checkout), "--yes"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    if gpu:
+        assert last.startswith(f"rfds-setup: done; train with: cd {checkout} && python launch.py --config"), last
+    else:
+        assert last.startswith("rfds-setup: done; this machine has no CUDA; training needs a GPU (torch is a CPU "
+                               "build)"), last
+
+
+# rfds-setup with its pip step replaced by a stand-in that waits and, on Ctrl-C, exits as pip does
+# ("ERROR: Operation cancelled by user", status 1); in its own session, as a terminal's process group
+PIP_STANDIN = ("import sys, time\\ntry:\\n    print('PIP', flush=True)\\n    time.sleep(120)\\n"
+               "except KeyboardInterrupt:\\n    sys.exit('ERROR: Operation cancelled by user')")
+CTRL_C_CHILD = f"""
+import sys
+from threestudio_rfds.adapter import setup_env
+steps = [setup_env.Step("install the known-good set (stand-in)", [sys.executable, "-c", "{PIP_STANDIN}"]),
+         setup_env.Step("link", action=lambda: print("LINKED")),
+         setup_env.Step("check the environment", [sys.executable, "-c", "pass"], is_check=True)]
+setup_env.plan = lambda root, cloned_later=False, force=False: steps
+sys.exit(setup_env.main([sys.argv[1], "--yes"]))
+"""
+
+
+def test_ctrl_c_during_pip_is_one_line_saying_rerunning_is_safe(checkout):
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, str(checkout)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in p.stdout:
+            if line.strip() == "PIP":
+                break
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, (out, err)
+    assert "Traceback" not in err and "LINKED" not in out, err
+    lines = err.strip().splitlines()
+    assert lines[:-1] == ["ERROR: Operation cancelled by user"], lines  # the stand-in's own line, then ours
+    line = lines[-1]
+    assert line.startswith("rfds-setup: interrupted during step 1 (install the known-good set (stand-in)); "
+                           "no step finished, the later ones did not run; re-running is safe"), line
+    assert line.endswith(f"rfds-setup {checkout} --yes")

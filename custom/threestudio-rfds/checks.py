@@ -44,6 +44,15 @@ def check_number(name: str, value: float, low: float = -math.inf) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+def check_guidance_scale(guidance_scale: float, name: str = "guidance_scale") -> None:
+    """A finite w >= 0: 0 is the unconditional velocity, 1 the conditional one, w > 1 extrapolates
+    past it (CFG).  A negative w, which would push away from the prompt, is refused as a likely sign
+    error."""
+    if not _is_real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0 = unconditional, 1 = the prompt alone, > 1 = "
+                         f"classifier-free guidance), got {guidance_scale!r}")
+
+
 def check_choice(name: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -87,35 +96,60 @@ def check_batch(names: Sequence[str], *tensors: Tensor) -> int:
     return sizes[0]
 
 
+def check_not_meta(name: str, x: Tensor) -> None:
+    """A tensor with data: a meta tensor (shape only, e.g. from ``device="meta"`` or an
+    ``init_empty_weights`` model whose weights were never loaded) is named, with the fix."""
+    if torch.is_tensor(x) and x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without data, e.g. from a model built with "
+                         f"device='meta' or init_empty_weights and never loaded); pass a tensor on cpu or cuda")
+
+
 class DeferredChecks:
-    """Finiteness tests queued without a host sync and settled by one sync in :meth:`check`
-    (call it after the step's kernels are queued).  The first failing test, in the order they
-    were added, raises :class:`NonFiniteError` with its message."""
+    """Value tests (finiteness, ranges) queued without a host sync and settled by one sync in
+    :meth:`check` (call it after the step's kernels are queued).  The first failing test, in the
+    order they were added, raises its error: :class:`NonFiniteError` for NaN/inf, ``ValueError``
+    for a value out of range."""
 
     def __init__(self) -> None:
-        self._tests: list = []
+        self._tests: list = []  # (ok: 0-d bool tensor, () -> the exception to raise)
 
     def add(self, name: str, x: Tensor, hint: str = "inputs must be finite") -> "DeferredChecks":
-        self._tests.append((name, x, torch.isfinite(x).all(), hint))
+        def error():
+            n = int((~torch.isfinite(x)).sum())
+            return NonFiniteError(f"{name} contains {n} non-finite values (NaN/inf); {hint}")
+
+        self._tests.append((torch.isfinite(x).all(), error))
+        return self
+
+    def add_range(self, name: str, x: Tensor, low: float, high: float, hint: str) -> "DeferredChecks":
+        """``low <= x <= high`` everywhere (NaN fails: it is reported as non-finite)."""
+        def error():
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                return NonFiniteError(f"{name} contains {int((~finite).sum())} non-finite values (NaN/inf); {hint}")
+            return ValueError(f"{name} has values in [{float(x.min()):.4g}, {float(x.max()):.4g}], outside "
+                              f"[{low:g}, {high:g}]; {hint}")
+
+        self._tests.append((((x >= low) & (x <= high)).all(), error))
         return self
 
     def add_cond(self, name: str, cond) -> "DeferredChecks":
-        """Every tensor of a condition dict (prompt embeddings); a condition of another type is a
-        ``ValueError`` now."""
+        """Every tensor of a condition dict (prompt embeddings); a condition of another type or
+        on the meta device is a ``ValueError`` now."""
         if not isinstance(cond, Mapping) or not all(torch.is_tensor(v) for v in cond.values()):
             got = type(cond).__name__ if not isinstance(cond, Mapping) else {k: type(v).__name__ for k, v in cond.items()}
             raise ValueError(f"{name} must be a dict of tensors {{name: [B, ...]}}, got {got}")
         for k, v in cond.items():
+            check_not_meta(f"{name}[{k!r}]", v)
             self.add(f"{name}[{k!r}]", v, "the prompt embeddings are broken (re-encode them; check the text encoder's dtype)")
         return self
 
     def check(self) -> None:
-        if not self._tests or bool(torch.stack([ok for _, _, ok, _ in self._tests]).all()):
+        if not self._tests or bool(torch.stack([ok for ok, _ in self._tests]).all()):
             return
-        for name, x, ok, hint in self._tests:
+        for ok, error in self._tests:
             if not bool(ok):
-                n = int((~torch.isfinite(x)).sum())
-                raise NonFiniteError(f"{name} contains {n} non-finite values (NaN/inf); {hint}")
+                raise error()
 
     __call__ = check
 

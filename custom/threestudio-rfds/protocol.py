@@ -11,7 +11,7 @@ from typing import Dict, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .checks import check_batch, check_number
+from .checks import check_batch, check_guidance_scale
 from .flow import FlowConvention
 
 Cond = Dict[str, Tensor]
@@ -32,17 +32,24 @@ class LatentBackend(VelocityModel, Protocol):
 
     latent_channels: int
 
-    def encode(self, rgb: Tensor) -> Tensor: ...  # B×3×H×W in [0, 1] → latents
+    def encode(self, rgb: Tensor) -> Tensor: ...  # B×3×H×W in [0, 1] → latents (diffusers backends: checks=)
 
     def decode(self, latents: Tensor) -> Tensor: ...  # latents → B×3×H×W in [0, 1]
 
 
 def cat_cond(*conds: Cond) -> Cond:
-    """Stack conditions along the batch: the keys must agree (empty conditions stay empty)."""
+    """Stack conditions along the batch: the keys, and each tensor's shape after the batch
+    dimension, must agree (empty conditions stay empty)."""
     keys = set(conds[0])
     for c in conds[1:]:
         if set(c) != keys:
             raise ValueError(f"conditions have different keys: {sorted(keys)} vs {sorted(c)}")
+        for k in keys:
+            if c[k].shape[1:] != conds[0][k].shape[1:]:
+                raise ValueError(
+                    f"conditions differ in {k!r}: {tuple(conds[0][k].shape)} vs {tuple(c[k].shape)}; batched CFG "
+                    "stacks cond and uncond, so all but the batch dimension must agree (encode them with the same "
+                    "settings, e.g. text.encode_prompt_pair, or pass cfg_batched=False)")
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
@@ -82,9 +89,14 @@ def cfg_velocity(
     ``batched`` runs cond and uncond in one call of batch 2B; otherwise two calls (less memory).
     ``guidance_scale == 1`` skips the unconditional pass.
     """
-    check_number("guidance_scale", guidance_scale)
+    check_guidance_scale(guidance_scale)
     b = check_batch(("x_t", "t"), x_t, t)
     cond, uncond = expand_cond(cond, b, "cond"), expand_cond(uncond, b, "uncond")
+    check_cond = getattr(model, "check_cond", None)  # a backend names a key of the wrong shape, and what it needs
+    if check_cond is not None:
+        check_cond(cond, "cond")
+        if guidance_scale != 1.0:
+            check_cond(uncond, "uncond")
     if guidance_scale == 1.0:
         return model.velocity(x_t, t, cond)
     if batched:

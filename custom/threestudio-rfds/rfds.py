@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from . import flow
-from .checks import (DeferredChecks, check_batch, check_choice, check_finite, check_int, check_number,
-                     check_positive, check_range, check_time)
+from .checks import (DeferredChecks, check_batch, check_choice, check_finite, check_guidance_scale, check_int,
+                     check_not_meta, check_number, check_positive, check_range, check_time)
 from .protocol import Cond, VelocityModel, cfg_velocity
 
 Weighting = Literal["none", "sigmoid", "sds"]
@@ -24,7 +24,8 @@ WEIGHTINGS = ("none", "sigmoid", "sds")
 StepSize = Union[float, Literal["auto"]]
 NonFinite = Literal["error", "zero"]
 NONFINITE = ("error", "zero")
-NONFINITE_HINT = ("the model output is not finite (fp16 overflow or broken weights): use dtype bf16/fp32, or "
+NONFINITE_HINT = ("the model output or its CFG combination is not finite (fp16 overflow, broken weights, or a "
+                  "guidance_scale too large for the dtype): use dtype bf16/fp32 or a smaller guidance_scale, or "
                   "nonfinite='zero' to replace such values by 0 and count them in num_nonfinite")
 
 
@@ -52,14 +53,23 @@ def replace_nonfinite(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x), bad.sum()
 
 
-def model_output(v: Tensor, nonfinite: NonFinite, checks: DeferredChecks, name: str) -> tuple[Tensor, Tensor]:
-    """(v, count of replaced values) under the non-finite policy: ``"error"`` queues a check that
-    raises :class:`~threestudio_rfds.checks.NonFiniteError` naming ``name``; ``"zero"`` replaces
-    NaN/inf by 0 and counts them (no host sync either way)."""
+def nonfinite_policy(x: Tensor, nonfinite: NonFinite, checks: DeferredChecks, name: str,
+                     hint: str = NONFINITE_HINT) -> tuple[Tensor, Tensor]:
+    """(x, count of replaced values) under the non-finite policy, applied to each quantity a step
+    forms (v̂, g, the loss value, iRFDS's ε'): ``"error"`` queues a check that raises
+    :class:`~threestudio_rfds.checks.NonFiniteError` naming ``name``; ``"zero"`` replaces NaN/inf
+    by 0 and counts them (no host sync either way)."""
     if nonfinite == "zero":
-        return replace_nonfinite(v)
-    checks.add(name, v, NONFINITE_HINT)
-    return v, torch.zeros((), dtype=torch.long, device=v.device)
+        return replace_nonfinite(x)
+    checks.add(name, x, hint)
+    return x, torch.zeros((), dtype=torch.long, device=x.device)
+
+
+def overflow_hint(guidance_scale: float, dtype: torch.dtype) -> str:
+    """Why a finite v̂ can still give a non-finite g or loss: w·(v_c − v_∅) and its square overflow."""
+    return (f"it overflowed {dtype} (guidance_scale={guidance_scale:g} multiplies v_c − v_∅, and the loss squares "
+            "it): use a smaller guidance_scale, or nonfinite='zero' to replace such values by 0 and count them "
+            "in num_nonfinite")
 
 
 def clip_grad(g: Tensor, grad_clip: Optional[float]) -> Tensor:
@@ -70,17 +80,39 @@ def clip_grad(g: Tensor, grad_clip: Optional[float]) -> Tensor:
     return g.clamp(-grad_clip, grad_clip)
 
 
-def reparameterised_loss(x: Tensor, g: Tensor) -> Tensor:
-    """L = mean_b mean_i (x − sg(x − g))², so ∂L/∂x = 2·g / (numel per sample · B).
+class _NoGradientPath(torch.autograd.Function):
+    """A 0 whose backward raises ``message``: the loss of a step whose input has no gradient."""
 
-    Its value is mean(g²); for w = 1 this is the reference's mse(v, v̂)."""
-    per_sample = (x - (x - g).detach()).pow(2).flatten(1).mean(1)
-    return per_sample.mean()
+    @staticmethod
+    def forward(ctx, anchor: Tensor, message: str) -> Tensor:
+        ctx.message = message
+        return anchor.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        raise RuntimeError(ctx.message)
 
 
-def with_value(loss: Tensor, value: Tensor) -> Tensor:
-    """loss − sg(loss) + sg(value): the gradient of ``loss`` with the value ``value`` (no host sync)."""
-    return loss - loss.detach() + value.detach()
+def reparameterised_loss(x: Tensor, g: Tensor, value: Optional[Tensor] = None, name: str = "x0") -> Tensor:
+    """A loss with ∂L/∂x = 2·g/(n·B) exactly (n elements per sample, B samples) and the value
+    ``value`` (default mean(g²), the value of mean_b mean_i (x − sg(x − g))²; for w = 1 the
+    reference's mse(v, v̂)):
+
+        L = 2·mean_b mean_i (x − sg(x))·sg(g) + sg(value)
+
+    The first term is exactly 0, so a value that overflowed cannot make the loss NaN nor the
+    gradient anything but g.  When ``x`` (named ``name``) does not require grad, ``L.backward()``
+    raises one line saying so instead of torch's "does not have a grad_fn"."""
+    if value is None:
+        value = g.detach().pow(2).flatten(1).mean(1).mean()
+    loss = 2 * ((x - x.detach()) * g.detach()).flatten(1).mean(1).mean() + value.detach()
+    if torch.is_grad_enabled() and not x.requires_grad:
+        anchor = torch.zeros((), device=loss.device, dtype=loss.dtype, requires_grad=True)
+        loss = loss + _NoGradientPath.apply(anchor, (
+            f"loss.backward(): {name} does not require grad, so the loss has no gradient to give it; pass {name} "
+            f"with requires_grad=True (a leaf: {name}.requires_grad_()) or the differentiable output of a render "
+            "or encode (RFDSOutput.grad holds g either way)"))
+    return loss
 
 
 def weighted_flow_matching_loss(w: Tensor, v_pred: Tensor, v: Tensor) -> Tensor:
@@ -99,6 +131,13 @@ def reference_batch_weights(w: Tensor) -> Tensor:
     return w.mean().expand(w.shape)
 
 
+def safe_norm(x: Tensor) -> Tensor:
+    """‖x‖ = m·‖x/m‖ with m = max|x|: finite whenever ‖x‖ is representable (a plain norm of
+    entries ~1e30 overflows in its sum of squares)."""
+    m = x.detach().abs().amax()
+    return torch.where(m > 0, m * (x.detach() / torch.where(m > 0, m, 1.0)).norm(), m)
+
+
 @dataclass
 class RFDSOutput:
     """One distillation step: ``loss`` backpropagates to x0; the rest is detached."""
@@ -110,13 +149,13 @@ class RFDSOutput:
     x_t: Tensor
     v_pred: Tensor  # v̂ (with CFG)
     weights: Tensor  # [B]
-    num_nonfinite: Tensor  # 0-d count of NaN/inf replaced in v̂ (nonfinite="zero"; RFDS-Rev: inner and outer)
+    num_nonfinite: Tensor  # 0-d count of NaN/inf replaced (nonfinite="zero") in v̂, g, the loss value (and ε')
 
     def logs(self) -> Dict[str, Tensor]:
         """Scalar tensors for logging (safe for ``self.log`` in Lightning)."""
         return {
             "loss": self.loss.detach(),
-            "grad_norm": self.grad.norm(),
+            "grad_norm": safe_norm(self.grad),
             "t_min": self.t.min(),
             "t_max": self.t.max(),
             "t_mean": self.t.mean(),
@@ -128,6 +167,8 @@ def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], check_
     """Shapes always; ``check_values`` also checks that x0 and ε are finite (a host sync)."""
     if not torch.is_tensor(x0) or x0.ndim < 2:
         raise ValueError(f"x0 must be a batched tensor of shape [B, ...], got {getattr(x0, 'shape', x0)!r}")
+    for name, x in (("x0", x0), ("t", t), ("eps", eps)):
+        check_not_meta(name, x)
     if not x0.is_floating_point():
         raise ValueError(f"x0 must be a floating-point tensor, got {x0.dtype}")
     if check_values:
@@ -147,20 +188,22 @@ def _check_inputs(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], check_
 
 
 def _check_inputs_deferred(x0: Tensor, t: Optional[Tensor], eps: Optional[Tensor], cond: Optional[Cond] = None,
-                           uncond: Optional[Cond] = None) -> DeferredChecks:
+                           uncond: Optional[Cond] = None, checks: Optional[DeferredChecks] = None) -> DeferredChecks:
     """Shape checks now; the finiteness of x0 and of the prompt embeddings is tested without a
-    host sync and raised by the returned checks, which the step settles after queuing its model
+    host sync and raised by the returned checks (``checks``, with the caller's tests first, e.g.
+    those of ``backend.encode(rgb, checks=…)``), which the step settles after queuing its model
     calls (on CUDA the VAE encode then overlaps with launching the denoiser)."""
     _check_inputs(x0, t, eps, check_values=False)
     if eps is not None:
         check_finite("eps", eps)
-    checks = DeferredChecks().add("x0", x0)
+    checks = (DeferredChecks() if checks is None else checks).add("x0", x0)
     return checks.add_cond("cond", {} if cond is None else cond).add_cond("uncond", {} if uncond is None else uncond)
 
 
 def _check_options(weighting: str, grad_clip: Optional[float], batch_scaling: str = "per-sample",
-                   nonfinite: str = "error") -> None:
+                   nonfinite: str = "error", guidance_scale: float = 1.0) -> None:
     """Fail before any model call on a bad option."""
+    check_guidance_scale(guidance_scale)
     check_choice("weighting", weighting, WEIGHTINGS)
     check_choice("batch_scaling", batch_scaling, BATCH_SCALINGS)
     check_choice("nonfinite", nonfinite, NONFINITE)
@@ -215,16 +258,20 @@ def rfds_from_noise(
     with torch.no_grad():
         x0_ = x0.detach()
         x_t = flow.interpolate(x0_, eps, t)
-        v_pred, n_bad = model_output(cfg_velocity(model, x_t, t, cond, uncond, guidance_scale, batched=cfg_batched),
-                                     nonfinite, checks, "v̂ (the model's CFG velocity)")
+        v_pred, n_v = nonfinite_policy(cfg_velocity(model, x_t, t, cond, uncond, guidance_scale, batched=cfg_batched),
+                                       nonfinite, checks, "v̂ (the model's CFG velocity)")
         w = rfds_weighting(weighting, t, generator)
         if batch_scaling == "reference":
             w = reference_batch_weights(w)
         v = flow.velocity_target(x0_, eps)
-        g = flow.append_dims(w, x0.ndim).to(x0.dtype) * (v_pred.to(x0.dtype) - v)
+        overflow = overflow_hint(guidance_scale, x0.dtype)
+        g, n_g = nonfinite_policy(flow.append_dims(w, x0.ndim).to(x0.dtype) * (v_pred.to(x0.dtype) - v), nonfinite,
+                                  checks, "g = w·(v̂ − v) (the RFDS gradient)", overflow)
         g = clip_grad(g, grad_clip)
-        value = weighted_flow_matching_loss(w, v_pred.to(x0.dtype), v)
-    loss = with_value(reparameterised_loss(x0, g), value)
+        value, n_l = nonfinite_policy(weighted_flow_matching_loss(w, v_pred.to(x0.dtype), v), nonfinite, checks,
+                                      "the RFDS loss value mean_b w_b·mse(v̂, v)", overflow)
+    loss = reparameterised_loss(x0, g, value)
+    n_bad = n_v + n_g + n_l
     if batch_scaling == "reference":
         loss = loss / x0.shape[0]
     if own_checks:
@@ -249,14 +296,16 @@ def rfds(
     generator: Optional[torch.Generator] = None,
     batch_scaling: str = "per-sample",
     nonfinite: NonFinite = "error",
+    checks: Optional[DeferredChecks] = None,
 ) -> RFDSOutput:
     """Rectified-flow score distillation: draw t and ε, return the RFDS loss on x0 (§3).
 
     Non-finite x0 or prompt embeddings raise :class:`~threestudio_rfds.checks.NonFiniteError`,
-    and so does a non-finite model output unless ``nonfinite="zero"`` (replaced by 0 and
-    counted in ``num_nonfinite``)."""
-    _check_options(weighting, grad_clip, batch_scaling, nonfinite)
-    checks = _check_inputs_deferred(x0, t, eps, cond, uncond)
+    and so does a non-finite v̂, g or loss value (a model output or an overflow) unless
+    ``nonfinite="zero"`` (replaced by 0 and counted in ``num_nonfinite``).  ``checks``: tests the
+    caller queued (``backend.encode(rgb, checks=…)``), settled with the step's in one host sync."""
+    _check_options(weighting, grad_clip, batch_scaling, nonfinite, guidance_scale)
+    checks = _check_inputs_deferred(x0, t, eps, cond, uncond, checks)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     out = rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
                           grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator,
@@ -319,16 +368,17 @@ def _guided_velocity(model, x_t, t, cond, uncond, guidance_scale) -> Tensor:
     return cfg_velocity(model, x_t, t, cond, uncond, guidance_scale)
 
 
-def _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale=1.0, uncond=None, nonfinite: NonFinite = "error",
-                checks: Optional[DeferredChecks] = None) -> tuple[Tensor, Tensor]:
-    """(ε', the number of NaN/inf replaced in v̂); the finiteness test is queued on ``checks``."""
+def _irfds_step(model, x0, eps, t, cond, step_size, guidance_scale, uncond, nonfinite: NonFinite,
+                checks: DeferredChecks) -> tuple[Tensor, Tensor]:
+    """(ε', the number of NaN/inf replaced in v̂ and ε'); the finiteness tests are queued on ``checks``."""
     x_t = flow.interpolate(x0, eps, t)
-    v, n_bad = model_output(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(eps.dtype), nonfinite,
-                            DeferredChecks() if checks is None else checks,
-                            "v̂ (the model's velocity in the iRFDS update)")
+    v, n_v = nonfinite_policy(_guided_velocity(model, x_t, t, cond, uncond, guidance_scale).to(eps.dtype), nonfinite,
+                              checks, "v̂ (the model's velocity in the iRFDS update)")
     eta = flow.append_dims(inner_step_size(step_size, t), eps.ndim).to(eps.dtype)
     beta_dot = flow.append_dims(flow.beta_dot(t), eps.ndim).to(eps.dtype)
-    return eps + eta * beta_dot * (v - flow.velocity_target(x0, eps)), n_bad
+    new, n_e = nonfinite_policy(eps + eta * beta_dot * (v - flow.velocity_target(x0, eps)), nonfinite, checks,
+                                "ε' (the iRFDS update of the noise)", overflow_hint(guidance_scale, eps.dtype))
+    return new, n_v + n_e
 
 
 def noise_regulariser(eps: Tensor) -> Tensor:
@@ -410,11 +460,17 @@ def irfds_loss(
     tau = t if tau is None else tau.to(t)
     with torch.no_grad():
         x_t = flow.interpolate(x0, e, t)
-        v_pred, n_bad = model_output(_guided_velocity(model, x_t, tau, cond, uncond, guidance_scale).to(e.dtype),
-                                     nonfinite, checks, "v̂ (the model's velocity in the iRFDS loss)")
-        g = -flow.append_dims(flow.beta_dot(t), e.ndim).to(e.dtype) * (v_pred - flow.velocity_target(x0, e))
+        v_pred, n_v = nonfinite_policy(_guided_velocity(model, x_t, tau, cond, uncond, guidance_scale).to(e.dtype),
+                                       nonfinite, checks, "v̂ (the model's velocity in the iRFDS loss)")
+        overflow = overflow_hint(guidance_scale, e.dtype)
+        g, n_g = nonfinite_policy(-flow.append_dims(flow.beta_dot(t), e.ndim).to(e.dtype) *
+                                  (v_pred - flow.velocity_target(x0, e)), nonfinite, checks,
+                                  "g = −ḃ·(v̂ − v) (the iRFDS gradient)", overflow)
+        value, n_l = nonfinite_policy(g.pow(2).flatten(1).mean(1).mean(), nonfinite, checks,
+                                      "the iRFDS loss value mean(g²)", overflow)
     checks()
-    loss = reparameterised_loss(eps, g) + reg_weight * noise_regulariser(eps)
+    loss = reparameterised_loss(eps, g, value, name="eps") + reg_weight * noise_regulariser(eps)
+    n_bad = n_v + n_g + n_l
     return RFDSOutput(loss, g, t, e, x_t, v_pred, torch.ones_like(t), n_bad)
 
 
@@ -440,16 +496,18 @@ def rfds_rev(
     inner_cond: Optional[Cond] = None,
     batch_scaling: str = "per-sample",
     nonfinite: NonFinite = "error",
+    checks: Optional[DeferredChecks] = None,
 ) -> RFDSOutput:
     """RFDS-Rev (§5): refine ε by ``n_inner`` iRFDS updates with the conditional velocity
     (no CFG), then take the RFDS step at the same t with the refined noise.
 
     ``inner_model``/``inner_cond`` give the velocity of the iRFDS updates when the outer step
-    uses a composite model (Perp-Neg); by default ``model`` with ``cond``."""
+    uses a composite model (Perp-Neg); by default ``model`` with ``cond``.  ``nonfinite`` and
+    ``checks`` as :func:`rfds` (the policy also covers each refined ε')."""
     check_int("n_inner", n_inner, 0)
     check_step_size("inner_step", inner_step)
-    _check_options(weighting, grad_clip, batch_scaling, nonfinite)
-    checks = _check_inputs_deferred(x0, t, eps, cond, uncond)
+    _check_options(weighting, grad_clip, batch_scaling, nonfinite, guidance_scale)
+    checks = _check_inputs_deferred(x0, t, eps, cond, uncond, checks)
     t, eps = _draw(model, x0, t, eps, min_step_percent, max_step_percent, generator)
     x0_ = x0.detach()
     inner_model, inner_cond = inner_model or model, cond if inner_cond is None else inner_cond
@@ -457,7 +515,7 @@ def rfds_rev(
         checks.add_cond("inner_cond", inner_cond)
     inner_bad = []
     for _ in range(n_inner):
-        eps, n_bad = _irfds_step(inner_model, x0_, eps, t, inner_cond, inner_step, nonfinite=nonfinite, checks=checks)
+        eps, n_bad = _irfds_step(inner_model, x0_, eps, t, inner_cond, inner_step, 1.0, None, nonfinite, checks)
         inner_bad.append(n_bad)
     out = rfds_from_noise(model, x0, t, eps, cond, uncond, guidance_scale, weighting=weighting,
                           grad_clip=grad_clip, cfg_batched=cfg_batched, generator=generator,

@@ -2,14 +2,19 @@
 
     python -m threestudio_rfds.adapter.envcheck [THREESTUDIO_ROOT]
 
+    python -m threestudio_rfds.adapter.envcheck THREESTUDIO_ROOT --for training
+
 One row per component: ``ok``, ``warn`` (works, but note the detail) or ``FAIL`` (with the fix);
 the exit status is 1 when any row fails.  Versions are read from the installed distributions'
 metadata (importlib.metadata), compared with :mod:`.envset`, the data ``rfds-setup`` installs.
 
 Without CUDA, the CUDA extensions (tinycudann, nvdiffrast, nerfacc's and gsplat's kernels) cannot
 be built or used; they are then ``warn`` "not built (no CUDA)": the guidance, prompt processors and
-tests run, training does not.  Where torch sees CUDA their absence is a failure.  threestudio-3dgs
-is optional: its rows (rasteriser, simple-knn) only warn.
+tests run, training does not, and the check says so in one line ("this machine has no CUDA;
+training needs a GPU").  Where torch sees CUDA their absence is a failure.  threestudio-3dgs is
+optional: its rows (rasteriser, simple-knn) only warn.  ``--for training`` asks whether
+``launch.py --train`` can run here: no GPU, a CUDA extension not built or the extension not linked
+are then failures (exit status 1).
 """
 from __future__ import annotations
 
@@ -70,7 +75,7 @@ def check_component(c: envset.Component) -> Row:
 def check_threestudio(root: str) -> List[Row]:
     """Version (parsed from the source), commit (when the checkout has git metadata) and link."""
     from .compat import ThreestudioVersionError, check_threestudio_version
-    from .link import EXTENSION_NAME, PACKAGE_DIR, LinkError, threestudio_version
+    from .link import LinkError, link_state, threestudio_version
 
     try:
         version = threestudio_version(root)
@@ -87,11 +92,12 @@ def check_threestudio(root: str) -> List[Row]:
         pin = envset.THREESTUDIO_COMMIT
         row = Row("threestudio", WARN, f"{version} at {root}, commit {commit[:7]}: untested (tested: {pin[:7]}; "
                                        f"git -C {root} checkout {pin})")
-    target = os.path.join(root, "custom", EXTENSION_NAME)
-    if os.path.realpath(target) == os.path.realpath(PACKAGE_DIR):
-        link_row = Row("extension link", OK, f"{target} -> {PACKAGE_DIR}")
-    else:
-        link_row = Row("extension link", WARN, f"{target} is not this package; fix: rfds-link {root}")
+    state = link_state(root)
+    if state.kind == "linked":
+        link_row = Row("extension link", OK, state.detail)
+    else:  # launch.py cannot load a broken link or a file; another link or a copy loads another version
+        status = FAIL if state.kind in ("broken", "file") else WARN
+        link_row = Row("extension link", status, f"{state.detail}; fix: {state.fix}")
     return [row, link_row]
 
 
@@ -211,8 +217,20 @@ def check_hub() -> Row:
     return Row("hub cache", OK, f"{detail}; CLI {hf}")
 
 
-def check_environment(root: Optional[str]) -> List[Row]:
-    """All rows, in table order (threestudio rows only when ``root`` is given)."""
+PURPOSES = ("libraries", "training")
+NO_CUDA = "this machine has no CUDA; training needs a GPU"
+TRAINING_NEEDS = ("extension link", *(b.name for b in envset.CUDA_BUILDS))  # warnings that stop launch.py --train
+
+
+def no_cuda_line() -> str:
+    """The line for a machine where torch cannot use a GPU: "this machine has no CUDA; training needs a GPU (why)"."""
+    return f"{NO_CUDA} ({no_gpu_reason().split(': ', 1)[-1]})"
+
+
+def check_environment(root: Optional[str], purpose: str = "libraries") -> List[Row]:
+    """All rows, in table order (threestudio rows only when ``root`` is given).  For ``purpose``
+    "training" the warnings that stop ``launch.py --train`` (:data:`TRAINING_NEEDS`) are failures,
+    and a machine without a usable GPU gets a failing "GPU" row."""
     rows = check_threestudio(os.path.abspath(root)) if root else []
     rows += check_torch()
     rows += [check_component(c) for c in envset.COMPONENTS if c.dist != "torchvision"]
@@ -220,6 +238,11 @@ def check_environment(root: Optional[str]) -> List[Row]:
     if root:
         rows += check_threestudio_3dgs(os.path.abspath(root))
     rows.append(check_hub())
+    if purpose == "training":
+        rows = [Row(r.component, FAIL, r.detail) if r.status == WARN and r.component in TRAINING_NEEDS else r
+                for r in rows]
+        if no_gpu_reason() is not None:
+            rows.append(Row("GPU", FAIL, no_cuda_line()))
     return rows
 
 
@@ -228,11 +251,15 @@ def format_table(rows: List[Row]) -> str:
     return "\n".join(f"{r.component:<{width}}  {r.status:<4}  {r.detail}" for r in rows)
 
 
-def report(root: Optional[str], out=None) -> int:
-    """Print the table and a summary line (to ``out``, default stdout); 1 if any row failed, else 0."""
+def report(root: Optional[str], out=None, purpose: str = "libraries") -> int:
+    """Print the table, the no-CUDA line where it applies and a summary line (to ``out``, default
+    stdout); 1 if any row failed, else 0 (``purpose``: :func:`check_environment`)."""
     out = out or sys.stdout
-    rows = check_environment(root)
+    rows = check_environment(root, purpose)
     print(format_table(rows), file=out)
+    if no_gpu_reason() is not None and purpose != "training":  # there the "GPU" row says it
+        print(f"{no_cuda_line()}; the guidance, the prompt processors, rfds-2d/rfds-edit and the tests run here "
+              "(the training check, --for training, exits 1)", file=out)
     failed = [r.component for r in rows if r.status == FAIL]
     warned = [r.component for r in rows if r.status == WARN]
     if failed:
@@ -249,8 +276,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("root", nargs="?", default=os.environ.get("THREESTUDIO_ROOT"),
                    help="threestudio checkout (default: $THREESTUDIO_ROOT; omitted: libraries only)")
+    add_purpose_arg(p)
     args = p.parse_args(argv)
-    return report(args.root)
+    return report(args.root, purpose=args.purpose)
+
+
+def add_purpose_arg(p) -> None:
+    p.add_argument("--for", dest="purpose", choices=PURPOSES, default="libraries",
+                   help="libraries (default): what the guidance, prompt processors and tests need, no-CUDA rows are "
+                        "warnings; training: what launch.py --train needs, exit 1 where it cannot run (no GPU, "
+                        "CUDA extensions not built, extension not linked)")
 
 
 if __name__ == "__main__":

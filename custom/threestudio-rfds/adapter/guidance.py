@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import rfds as core
 from ..backends import backend_class
 from ..backends.instaflow import REFERENCE_DELTA
-from ..checks import check_choice, check_number, check_positive, check_range
+from ..checks import DeferredChecks, check_choice, check_guidance_scale, check_positive, check_range
 from ..protocol import Cond, cfg_velocity
 from .compat import adapter_device, require_threestudio
 from .evaluation import guidance_eval_images
@@ -117,14 +117,15 @@ class RFDSGuidanceBase(BaseModule):
         c = self.cfg
         self.guidance_scale = float(C(c.guidance_scale, epoch, global_step))
         self.grad_clip_val = None if c.grad_clip is None else float(C(c.grad_clip, epoch, global_step))
-        check_number("guidance_scale", self.guidance_scale)
+        check_guidance_scale(self.guidance_scale)
         if self.grad_clip_val is not None:
             check_positive("grad_clip", self.grad_clip_val)
         self.set_min_max_steps(C(c.min_step_percent, epoch, global_step), C(c.max_step_percent, epoch, global_step))
 
     # ------------------------------------------------------------------ inputs
-    def get_latents(self, rgb: Tensor, rgb_as_latents: bool = False) -> Tensor:
-        """[B,H,W,C] render (or latents) → latents [B,c,h,w], differentiable."""
+    def get_latents(self, rgb: Tensor, rgb_as_latents: bool = False, checks: Optional[DeferredChecks] = None) -> Tensor:
+        """[B,H,W,C] render (or latents) → latents [B,c,h,w], differentiable; the render's value
+        check is queued on ``checks`` (settled by the RFDS step), else made at once."""
         if rgb.ndim != 4:
             raise ValueError(f"rgb must be [B, H, W, C], got shape {tuple(rgb.shape)}")
         x = rgb.permute(0, 3, 1, 2).float()
@@ -140,7 +141,7 @@ class RFDSGuidanceBase(BaseModule):
             return x.to(be.device)
         if x.shape[1] != 3:
             raise ValueError(f"rgb must have 3 channels (or pass rgb_as_latents=True), got shape {tuple(rgb.shape)}")
-        return be.encode(x.to(be.device), generator=self.generator).float()  # seeded VAE sample when seed is set
+        return be.encode(x.to(be.device), generator=self.generator, checks=checks).float()  # seeded when seed is set
 
     def conditions(self, prompt_utils, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor,
                    perp_neg: Optional[bool] = None):
@@ -175,7 +176,8 @@ class RFDSGuidanceBase(BaseModule):
     def rev_options(self) -> Dict[str, Any]:
         return {}
 
-    def distill(self, x0: Tensor, cond: Cond, uncond: Cond, neg: Optional[Cond], weights: Optional[Tensor]):
+    def distill(self, x0: Tensor, cond: Cond, uncond: Cond, neg: Optional[Cond], weights: Optional[Tensor],
+                checks: Optional[DeferredChecks] = None):
         """(RFDSOutput, velocity(x, t, samples) used for evaluation images).
 
         With Perp-Neg the outer step runs on :class:`PerpNegModel` (CFG inside, scale 1 outside);
@@ -191,7 +193,8 @@ class RFDSGuidanceBase(BaseModule):
             velocity = lambda x, t, sl: model.velocity(x, t, _slice(c, sl))  # noqa: E731
         kw = dict(min_step_percent=self.min_step_percent, max_step_percent=self.max_step_percent,
                   weighting=self.cfg.weighting, grad_clip=self.grad_clip_val, generator=self.generator,
-                  cfg_batched=batched, batch_scaling=self.cfg.batch_scaling, nonfinite=self.cfg.nonfinite)
+                  cfg_batched=batched, batch_scaling=self.cfg.batch_scaling, nonfinite=self.cfg.nonfinite,
+                  checks=checks)
         if self.algorithm == "rfds-rev":
             out = core.rfds_rev(model, x0, c, uncond, scale, inner_model=be, inner_cond=cond, **self.rev_options(), **kw)
         else:
@@ -205,9 +208,10 @@ class RFDSGuidanceBase(BaseModule):
             if v.shape != (b,):
                 raise ValueError(f"{name} must have shape [B] = [{b}] like rgb, got {tuple(v.shape)}")
         with torch.autocast(self.device.type, enabled=False):
-            x0 = self.get_latents(rgb, rgb_as_latents)
+            checks = DeferredChecks()  # the render's value check, settled with the step's own (one host sync)
+            x0 = self.get_latents(rgb, rgb_as_latents, checks)
             cond, uncond, neg, weights = self.conditions(prompt_utils, elevation, azimuth, camera_distances)
-            out, velocity = self.distill(x0, cond, uncond, neg, weights)
+            out, velocity = self.distill(x0, cond, uncond, neg, weights, checks)
         logs = out.logs()
         dev = out.loss.device
         guidance_out: Dict[str, Any] = {

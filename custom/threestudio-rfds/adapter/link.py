@@ -1,19 +1,22 @@
 """``rfds-link``: make this package a threestudio extension.
 
-    rfds-link [THREESTUDIO_ROOT] [--force] [--check]
+    rfds-link [THREESTUDIO_ROOT] [--force] [--check [--for training]]
 
 Symlinks the installed package folder to ``<threestudio>/custom/threestudio-rfds`` (where
 threestudio's ``launch.py`` loads extensions) after checking the threestudio checkout, its
 version (>= 0.2.0, read from the source without importing it) and the versions of the
 libraries the adapter needs.  ``--check`` changes nothing and prints the full environment table
-of :mod:`.envcheck` (exit status 1 on any problem); ``--force`` replaces an existing link.
+of :mod:`.envcheck` (exit status 1 on any problem; ``--for training`` also counts what stops
+``launch.py --train``: no GPU, CUDA extensions, the link); ``--force`` replaces an existing link.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import shlex
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from typing import List, Optional
 
@@ -61,24 +64,85 @@ def check_versions(root: str) -> List[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class LinkState:
+    """What ``<root>/custom/threestudio-rfds`` is now, and a command that makes it this package."""
+
+    kind: str  # "linked", "absent", "broken", "other" (a link elsewhere), "copy" (a folder), "file"
+    detail: str
+    fix: Optional[str]  # None when linked
+
+    @property
+    def needs_force(self) -> bool:
+        return self.kind in ("broken", "other")
+
+
+def _version_of(folder: str) -> Optional[str]:
+    try:
+        with open(os.path.join(folder, "version.py"), encoding="utf-8") as f:
+            m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", f.read())
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def link_state(root: str, source: str = PACKAGE_DIR) -> LinkState:
+    """The extension folder's state; each ``fix`` is a command that works from that state
+    (``rfds-link`` never deletes a folder, so a copy is moved aside first: launch.py skips
+    folders whose names end in ``_disabled``)."""
+    target = os.path.join(root, "custom", EXTENSION_NAME)
+    q = shlex.quote
+    if os.path.realpath(target) == os.path.realpath(source) and os.path.exists(target):
+        return LinkState("linked", f"{target} -> {source}", None)
+    if os.path.islink(target):
+        kind = "other" if os.path.exists(target) else "broken"
+        what = "links to" if kind == "other" else "is a broken link to"
+        return LinkState(kind, f"{target} {what} {os.readlink(target)}, not this package ({source})",
+                         f"rfds-link {q(root)} --force")
+    if not os.path.exists(target):
+        return LinkState("absent", f"not linked yet ({target} does not exist)", f"rfds-link {q(root)}")
+    aside = f"mv {q(target)} {q(target + '_disabled')} && rfds-link {q(root)}"
+    if os.path.isdir(target):
+        theirs, ours = _version_of(target), _version_of(source)
+        versions = "" if theirs is None else f", version {theirs} (this package: {ours})"
+        return LinkState("copy", f"{target} is a copy{versions}, not a link: launch.py loads that copy, not this "
+                                 f"package ({source})", aside)
+    return LinkState("file", f"{target} is a file, not this package", aside)
+
+
 def link(root: str, force: bool = False, source: str = PACKAGE_DIR) -> str:
-    """Create ``<root>/custom/threestudio-rfds`` → ``source``; returns the link path."""
+    """Create ``<root>/custom/threestudio-rfds`` → ``source``; returns the link path.  An existing
+    link elsewhere (or a broken one) is replaced only with ``force``; a folder or file never."""
     threestudio_version(root)  # a checkout, or LinkError
     custom = os.path.join(root, "custom")
     os.makedirs(custom, exist_ok=True)  # git keeps no empty folder: fresh clones lack custom/
     target = os.path.join(custom, EXTENSION_NAME)
-    if os.path.islink(target):
-        if os.path.realpath(target) == os.path.realpath(source):
-            return target
+    state = link_state(root, source)
+    if state.kind == "linked":
+        return target
+    if state.kind in ("copy", "file"):
+        raise LinkError(f"{state.detail}; it is never deleted here: {state.fix} (nothing was changed)")
+    if state.needs_force:
         if not force:
-            raise LinkError(f"{target} already links to {os.readlink(target)}; pass --force to replace it")
+            raise LinkError(f"{state.detail}; pass --force to replace the link: {state.fix}")
         os.remove(target)
-    elif os.path.exists(target):
-        if os.path.realpath(target) == os.path.realpath(source):
-            return target  # the package is itself installed inside custom/
-        raise LinkError(f"{target} exists and is not a link; remove or rename it first (nothing was changed)")
     os.symlink(source, target, target_is_directory=True)
     return target
+
+
+def link_problem(root: str, force: bool = False) -> Optional[str]:
+    """Why :func:`link` would fail at ``root`` (without changing anything), or None: another link
+    without ``force``, a folder or file in the way, or no write access where the link goes."""
+    state = link_state(root)
+    if state.kind == "linked":
+        return None
+    if state.kind in ("copy", "file") or (state.needs_force and not force):
+        return f"{state.detail}; first: {state.fix}"
+    custom = os.path.join(root, "custom")
+    where = custom if os.path.isdir(custom) else root
+    if not os.access(where, os.W_OK):
+        return f"{where} is not writable (a read-only checkout?): the link goes in {custom}; make it writable"
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -88,12 +152,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing link to another folder")
     p.add_argument("--check", action="store_true",
                    help="change nothing; print the environment table (exit 1 on any problem)")
+    from .envcheck import add_purpose_arg
+
+    add_purpose_arg(p)
     args = p.parse_args(argv)
+    if args.purpose != "libraries" and not args.check:
+        p.error("--for applies to --check: rfds-link ROOT --check --for training")
     root = os.path.abspath(args.root)
     if args.check:
         from .envcheck import report
 
-        return report(root)
+        return report(root, purpose=args.purpose)
     try:
         for line in check_versions(root):
             print(f"ok: {line}")

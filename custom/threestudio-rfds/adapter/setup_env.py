@@ -1,6 +1,6 @@
 """``rfds-setup``: from a threestudio checkout to a checked environment in one command.
 
-    rfds-setup THREESTUDIO_ROOT [--dry-run] [--clone] [--yes]
+    rfds-setup THREESTUDIO_ROOT [--dry-run] [--clone] [--yes] [--force]
 
 1. ``--clone``: clone threestudio at the tested commit into THREESTUDIO_ROOT (needs GitHub).
 2. Install, with ``python -m pip``, the known-good set (:mod:`.envset`) around the torch already
@@ -11,9 +11,13 @@
 3. Where torch sees a GPU and nvcc exists, build tinycudann, nvdiffrast, nerfacc's and gsplat's
    CUDA kernels (and threestudio-3dgs' rasteriser and simple-knn where that extension is in
    ``custom/``); elsewhere print the commands and why training will not run here.
-4. Link this package into ``custom/`` (``rfds-link``) and run the environment check.
+4. Link this package into ``custom/`` (``rfds-link``; ``--force`` replaces a link to another
+   folder) and run the environment check; the last line says whether this machine can train.
 
-``--dry-run`` prints every step and command and changes nothing.
+Before anything is installed, the checkout is checked for what the link step needs (write access
+to ``custom/``, no folder or foreign link in the way).  Ctrl-C prints one line saying which steps
+finished and the command to re-run (safe: pip skips what is installed).  ``--dry-run`` prints
+every step and command and changes nothing.
 """
 from __future__ import annotations
 
@@ -41,6 +45,14 @@ class SetupError(RuntimeError):
 
 class UsageError(ValueError):
     """Bad command-line input (exit status 2)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during step ``n``."""
+
+    def __init__(self, n: int, step: "Step"):
+        super().__init__(n, step)
+        self.n, self.step = n, step
 
 
 @dataclass
@@ -132,7 +144,7 @@ def clone_steps(root: str) -> List[Step]:
             Step("check out the tested commit", ["git", "-C", root, "checkout", envset.THREESTUDIO_COMMIT])]
 
 
-def plan(root: str, cloned_later: bool = False) -> List[Step]:
+def plan(root: str, cloned_later: bool = False, force: bool = False) -> List[Step]:
     """Every step after the clone, in order (nothing is executed here).  ``cloned_later``: the
     checkout does not exist yet (a dry run with --clone), so its requirements cannot be listed."""
     from .link import link
@@ -152,7 +164,7 @@ def plan(root: str, cloned_later: bool = False) -> List[Step]:
                       "remaining requirements", pip(*reqs), notes=note))
     steps += cuda_steps(root)
     steps.append(Step(f"link this package into {os.path.join(root, 'custom')}",
-                      action=lambda: print(f"    {link(root)}")))
+                      action=lambda: print(f"    {link(root, force=force)}")))
     steps.append(Step("check the environment", [sys.executable, "-m", "threestudio_rfds.adapter.envcheck", root],
                       is_check=True))
     return steps
@@ -172,11 +184,14 @@ def run(steps: List[Step]) -> int:
     status = 0
     for n, step in enumerate(steps, 1):
         show(step, n)
-        if step.action is not None:
-            step.action()
-        if step.argv is None:
-            continue
-        status = subprocess.run(step.argv).returncode
+        try:
+            if step.action is not None:
+                step.action()
+            if step.argv is None:
+                continue
+            status = subprocess.run(step.argv).returncode  # on Ctrl-C it stops the child before re-raising
+        except KeyboardInterrupt:
+            raise Interrupted(n, step) from None
         if status and not (step.may_fail or step.is_check):
             raise SetupError(f"step {n} ({step.what}) failed with exit status {status}: {shlex.join(step.argv)}")
         if status and step.may_fail:
@@ -184,7 +199,11 @@ def run(steps: List[Step]) -> int:
     return status
 
 
-def check_root(root: str, clone: bool) -> None:
+def check_root(root: str, clone: bool, force: bool = False) -> None:
+    """A checkout the run can finish in, checked before anything is installed (the link step
+    comes last: a read-only checkout or a folder in the way would otherwise fail after pip)."""
+    from .link import link_problem
+
     if clone:
         if os.path.exists(root) and os.listdir(root):
             raise UsageError(f"--clone needs an empty or new folder, but {root!r} has files")
@@ -192,6 +211,34 @@ def check_root(root: str, clone: bool) -> None:
     if not (os.path.isfile(os.path.join(root, "launch.py")) and os.path.isfile(os.path.join(root, "requirements.txt"))):
         raise UsageError(f"{root!r} is not a threestudio checkout (expected launch.py and requirements.txt); "
                          "pass its folder, or --clone to clone it there")
+    problem = link_problem(root, force)
+    if problem is not None:
+        raise UsageError(f"the link step would fail, so nothing was installed: {problem}"
+                         + (" (or pass --force)" if "--force" in problem else ""))
+
+
+def last_line(root: str, status: int) -> str:
+    """What the run leaves: the check failed, this machine cannot train, or the command to train."""
+    from .envcheck import no_cuda_line, no_gpu_reason
+    from .link import EXTENSION_NAME
+
+    if status:
+        return "rfds-setup: the environment check failed: fix the FAIL rows above, then re-run rfds-setup"
+    if no_gpu_reason() is not None:
+        return (f"rfds-setup: done; {no_cuda_line()}: run launch.py --train on a GPU machine; here the guidance, "
+                "rfds-2d/rfds-edit and the tests run")
+    return (f"rfds-setup: done; train with: cd {shlex.quote(root)} && python launch.py --config "
+            f"custom/{EXTENSION_NAME}/configs/rfds-sd3.yaml --train --gpu 0 "
+            "system.prompt_processor.prompt=\"a DSLR photo of a hamburger\"")
+
+
+def interrupted_line(e: Interrupted, root: str, cloned: bool, force: bool) -> str:
+    """One line for Ctrl-C: what finished, and the command that resumes (re-running is safe)."""
+    done = f"steps 1-{e.n - 1} finished" if e.n > 1 else "no step finished"
+    again = shlex.join(["rfds-setup", root, "--yes", *(["--clone"] if not cloned else []),
+                        *(["--force"] if force else [])])
+    return (f"rfds-setup: interrupted during step {e.n} ({e.step.what}); {done}, the later ones did not run; "
+            f"re-running is safe (pip skips what is installed): {again}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -202,12 +249,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clone", action="store_true",
                    help=f"clone threestudio {envset.THREESTUDIO_COMMIT[:7]} into ROOT first")
     p.add_argument("--yes", action="store_true", help="do not ask before installing")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing custom/threestudio-rfds link to another folder (as rfds-link --force)")
     args = p.parse_args(argv)
     root = os.path.abspath(os.path.expanduser(args.root))
     try:
-        check_root(root, args.clone)
+        check_root(root, args.clone, args.force)
         first = clone_steps(root) if args.clone else []
-        steps = first + plan(root, cloned_later=args.clone)
+        steps = first + plan(root, cloned_later=args.clone, force=args.force)
     except UsageError as e:
         print(f"rfds-setup: error: {e}", file=sys.stderr)
         return 2
@@ -224,14 +273,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         if input("run these steps? [y/N] ").strip().lower() not in ("y", "yes"):
             return 1
+    cloned = not first
     try:
         if first:
             run(first)
-            steps = plan(root)  # now with the clone's requirements.txt
-        return run(steps)
+            cloned = True
+            steps = plan(root, force=args.force)  # now with the clone's requirements.txt
+        status = run(steps)
     except SetupError as e:
         print(f"rfds-setup: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(interrupted_line(e, root, cloned, args.force), file=sys.stderr)
+        return 130
+    print(last_line(root, status))
+    return status
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checks import check_choice
+from ..checks import DeferredChecks, check_choice, check_not_meta
 from .hub import ModelLoadError, offline, resolve_source
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -43,6 +43,9 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     """``None``/"auto" → bf16 on CUDA (no consistent speed difference to fp16 measured on an H100,
     and fp32's exponent range; docs/performance.md), fp32 on CPU."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in (*DTYPES.values(), torch.float64):
+            raise ValueError(f"dtype must be torch.float32, float16, bfloat16 or float64 (or one of "
+                             f"{['auto', *DTYPES]}), got {dtype}: the models compute in these floating-point types")
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -96,16 +99,33 @@ def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 LATENT_RULES = ("native", "resize")
 
 
-def prepare_rgb(rgb: Tensor, rule: str, size: Optional[Tuple[int, int]], multiple: int) -> Tensor:
+RGB_TOLERANCE = 0.5  # renders may overshoot [0, 1] a little (e.g. SH colours); further out they are another scale
+RGB_HINT = (f"encode takes images in [0, 1] (values up to {RGB_TOLERANCE} outside are clamped to it): divide 0–255 "
+            "images by 255, map [−1, 1] images by (x + 1) / 2")
+
+
+def check_rgb(rgb: Tensor, checks: Optional[DeferredChecks] = None) -> None:
+    """rgb is finite and within [−tol, 1 + tol] (tol = :data:`RGB_TOLERANCE`): queued on ``checks``
+    without a host sync (the step settles it), or checked now when ``checks`` is None."""
+    queue = DeferredChecks() if checks is None else checks
+    queue.add_range("rgb", rgb.detach(), -RGB_TOLERANCE, 1.0 + RGB_TOLERANCE, RGB_HINT)
+    if checks is None:
+        queue()
+
+
+def prepare_rgb(rgb: Tensor, rule: str, size: Optional[Tuple[int, int]], multiple: int,
+                checks: Optional[DeferredChecks] = None) -> Tensor:
     """Render [B,3,H,W] in [0,1] → VAE input in [−1, 1] by the latent resolution rule.
 
     ``native``: encode at render resolution (SD3 reference: 256² renders → 32² latents);
     H and W must be multiples of ``multiple`` (the VAE's downsampling factor).
     ``resize``: bilinear resize to ``size`` first (InstaFlow reference: 512²).
+    Values are checked by :func:`check_rgb` (deferred on ``checks``), then clamped to [0, 1].
     """
     check_choice("latent_rule", rule, LATENT_RULES)
-    if rgb.ndim != 4 or rgb.shape[1] != 3:
-        raise ValueError(f"rgb must have shape [B, 3, H, W] with values in [0, 1], got {tuple(rgb.shape)}")
+    if not torch.is_tensor(rgb) or rgb.ndim != 4 or rgb.shape[1] != 3:
+        raise ValueError(f"rgb must have shape [B, 3, H, W] with values in [0, 1], got {tuple(getattr(rgb, 'shape', ()))}")
+    check_not_meta("rgb", rgb)
     if rule == "resize":
         if size is None:
             raise ValueError("latent_rule 'resize' needs a size (height, width)")
@@ -117,6 +137,7 @@ def prepare_rgb(rgb: Tensor, rule: str, size: Optional[Tuple[int, int]], multipl
             f"render size {h}x{w} is not a multiple of {multiple} (the VAE's downsampling); "
             f"use latent_rule='resize' with a size that is, or render at a multiple of {multiple}"
         )
+    check_rgb(rgb, checks)
     return rgb.clamp(0, 1) * 2.0 - 1.0
 
 

@@ -6,21 +6,24 @@ t with the timestep of 1 − t (docs/backends.md).  Latents are SD1.5's: 4 chann
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
+import logging
 import os
 from types import SimpleNamespace
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import flow
-from ..checks import check_choice, check_shape
+from ..checks import DeferredChecks, check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
 from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, latent_noise_shape, load_component,
                    maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
+from .family import check_family
 
 DEFAULT_MODEL = "XCLIU/2_rectified_flow_from_sd_1_5"
 # the reference names runwayml/stable-diffusion-v1-5, since removed from the hub; this is its official mirror
@@ -42,22 +45,30 @@ def unet_delta_state(base: torch.nn.Module, finetuned: torch.nn.Module) -> Dict[
     return delta
 
 
-@torch.no_grad()
-def merge_unet_delta(unet: torch.nn.Module, delta: Dict[str, Tensor], alpha: float = 1.0) -> torch.nn.Module:
-    """W ← W + α·dW in place (the reference's transfer of an SD1.5 fine-tune onto InstaFlow)."""
-    state = unet.state_dict()
+def merged_unet_state(state: Dict[str, Tensor], delta: Dict[str, Tensor], alpha: float = 1.0) -> Dict[str, Tensor]:
+    """W + α·dW for every weight of ``state`` (the InstaFlow UNet's), as new fp32 tensors:
+    ``state`` itself is never written, so a failed merge leaves the UNet as it was loaded."""
     missing = sorted(set(delta) - set(state))
     if missing:
         raise ValueError(f"unet_delta: the InstaFlow UNet has no weights {missing[:5]}")
     for k, d in delta.items():
         if state[k].shape != d.shape:
             raise ValueError(f"unet_delta: weight {k!r} has shape {tuple(d.shape)} vs InstaFlow {tuple(state[k].shape)}")
-        state[k].copy_((state[k].float() + alpha * d.to(state[k].device)).to(state[k].dtype))
+    with torch.no_grad():
+        return {k: w.detach().float() + alpha * delta[k].to(w.device) if k in delta else w.detach().float().clone()
+                for k, w in state.items()}
+
+
+def merge_unet_delta(unet: torch.nn.Module, delta: Dict[str, Tensor], alpha: float = 1.0) -> torch.nn.Module:
+    """W ← W + α·dW (the reference's transfer of an SD1.5 fine-tune onto InstaFlow): the merge
+    is computed first (:func:`merged_unet_state`), then loaded in one ``load_state_dict``."""
+    unet.load_state_dict(merged_unet_state(unet.state_dict(), delta, alpha), strict=True)
     return unet
 
 
 # ---------------------------------------------------------------- merge cache
-MERGE_CACHE_FORMAT = 1
+MERGE_CACHE_FORMAT = 2  # 2: entries carry their identities and the sha256 of their tensors
+log = logging.getLogger("threestudio_rfds")
 
 
 def default_merge_cache_dir() -> str:
@@ -67,14 +78,20 @@ def default_merge_cache_dir() -> str:
 
 
 def resolve_merge_cache(merge_cache) -> Optional[str]:
-    """True → the default folder, False/None → no cache, a non-empty string → that folder."""
+    """True → the default folder, False/None → no cache, a non-empty string → that folder (which
+    must not be an existing file)."""
     if merge_cache is None or merge_cache is False:
         return None
     if merge_cache is True:
-        return default_merge_cache_dir()
-    if isinstance(merge_cache, str) and merge_cache:
-        return os.path.abspath(os.path.expanduser(merge_cache))
-    raise ValueError(f"merge_cache must be true, false or a folder path, got {merge_cache!r}")
+        folder = default_merge_cache_dir()
+    elif isinstance(merge_cache, str) and merge_cache:
+        folder = os.path.abspath(os.path.expanduser(merge_cache))
+    else:
+        raise ValueError(f"merge_cache must be true, false or a folder path, got {merge_cache!r}")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"merge_cache {folder!r} exists and is not a folder; pass a folder path, true "
+                         f"(the default {default_merge_cache_dir()}) or false (no cache)")
+    return folder
 
 
 def unet_identity(path: str, revision: Optional[str] = None) -> Optional[dict]:
@@ -96,38 +113,97 @@ def unet_identity(path: str, revision: Optional[str] = None) -> Optional[dict]:
     return {"repo": path, "commit": os.path.basename(os.path.dirname(os.path.dirname(found)))}
 
 
-def merge_cache_key(instaflow: Optional[dict], base: Optional[dict], finetuned: Optional[dict],
-                    alpha: float) -> Optional[str]:
-    """sha256 of the three models' identities and α; None when one of them has no identity."""
+def merge_cache_entry(instaflow: Optional[dict], base: Optional[dict], finetuned: Optional[dict],
+                      alpha: float) -> Optional[str]:
+    """The canonical JSON of one merge (the three models' identities and α), stored in its cache
+    file; None when one of the models has no identity yet."""
     if instaflow is None or base is None or finetuned is None:
         return None
-    entry = {"format": MERGE_CACHE_FORMAT, "instaflow": instaflow, "base": base, "finetuned": finetuned,
-             "alpha": float(alpha)}
-    return hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()
+    return json.dumps({"format": MERGE_CACHE_FORMAT, "instaflow": instaflow, "base": base, "finetuned": finetuned,
+                       "alpha": float(alpha)}, sort_keys=True, default=str)
 
 
-def load_merged_unet_state(cache_dir: str, key: str) -> Optional[Dict[str, Tensor]]:
-    """The cached merged UNet weights, or None when absent or unreadable (a miss)."""
-    from safetensors.torch import load_file
+def merge_cache_key(instaflow: Optional[dict], base: Optional[dict], finetuned: Optional[dict],
+                    alpha: float) -> Optional[str]:
+    """sha256 of :func:`merge_cache_entry`: the cache file's name; None when it is None."""
+    entry = merge_cache_entry(instaflow, base, finetuned, alpha)
+    return None if entry is None else hashlib.sha256(entry.encode()).hexdigest()
+
+
+def _entry_file(cache_dir: str, entry: str) -> str:
+    return os.path.join(cache_dir, hashlib.sha256(entry.encode()).hexdigest() + ".safetensors")
+
+
+def load_merged_unet_state(cache_dir: str, entry: str, like: Dict[str, Tensor]) -> Tuple[Optional[Dict[str, Tensor]], str]:
+    """(the cached merged weights, "") when the file of ``entry`` exists, names that entry, its
+    tensors hash to the digest it carries, and it has exactly the keys and shapes of ``like``;
+    else (None, why) — why is "" for an absent file.  Reads without the cache lock: entries are
+    replaced atomically, and the one open file gives metadata and tensors of the same version."""
+    from safetensors import safe_open
+
+    from ..text.cache import tensors_digest
 
     try:
-        return load_file(os.path.join(cache_dir, key + ".safetensors"))
+        with safe_open(_entry_file(cache_dir, entry), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
-        return None
-    except Exception:  # truncated/corrupt: recompute
-        return None
+        return None, ""
+    except Exception as e:  # unreadable, truncated, not safetensors
+        return None, f"unreadable ({type(e).__name__}: {e})"
+    if meta.get("entry") != entry:
+        return None, "it was written for another merge"
+    if meta.get("sha256") != tensors_digest(state):
+        return None, "its tensors do not match the digest it was written with"
+    if set(state) != set(like):
+        diff = sorted(set(state) ^ set(like))
+        return None, f"{len(diff)} weight(s) missing or extra, e.g. {diff[:3]}"
+    bad = [k for k, w in like.items() if tuple(state[k].shape) != tuple(w.shape)]
+    if bad:
+        return None, f"weight {bad[0]!r} has shape {tuple(state[bad[0]].shape)}, the UNet {tuple(like[bad[0]].shape)}"
+    return state, ""
 
 
-def save_merged_unet_state(cache_dir: str, key: str, unet: torch.nn.Module, entry: str = "") -> str:
-    """Write the merged weights atomically (temporary file + os.replace, atomic.atomic_write)."""
+def save_merged_unet_state(cache_dir: str, entry: str, state: Dict[str, Tensor]) -> str:
+    """Write the merged weights with their entry and digest atomically (temporary file +
+    os.replace, atomic.atomic_write)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from ..atomic import atomic_write
+    from ..text.cache import tensors_digest
 
-    os.makedirs(cache_dir, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    return atomic_write(os.path.join(cache_dir, key + ".safetensors"),
-                        lambda tmp: save_file(state, tmp, metadata={"entry": entry}))
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {"entry": entry, "sha256": tensors_digest(state)}
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(state, tmp, metadata=meta)
+        except SafetensorError as e:  # how safetensors reports I/O errors (a full disk)
+            raise OSError(f"{e} writing {tmp}") from e
+
+    return atomic_write(_entry_file(cache_dir, entry), write)
+
+
+@contextlib.contextmanager
+def merge_lock(cache_dir: str) -> Iterator[bool]:
+    """The cache folder's lock (concurrent runs merge once); yields False, after one warning,
+    where the folder cannot be created or locked (read-only, full disk): merge uncached."""
+    from filelock import FileLock
+
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = FileLock(os.path.join(cache_dir, ".lock"), timeout=3600)
+        lock.acquire()
+    except OSError as e:
+        log.warning(f"merge cache: cannot write to {cache_dir} ({e.strerror or e}); the merged UNet is computed "
+                    "and used uncached")
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def _check_delta_spec(spec) -> None:
@@ -154,7 +230,8 @@ class InstaFlowBackend:
             :data:`REFERENCE_DELTA`); both UNets are fetched only when named here.
         merge_cache: where the merged UNet is cached (the merge reads two more full UNets): True = the
             default folder (:func:`default_merge_cache_dir`), a folder path, or False (always merge).
-            Keyed on the identities of the three models (:func:`unet_identity`) and α.
+            Keyed on the identities of the three models (:func:`unet_identity`) and α; each entry
+            carries its identities and a sha256 of its tensors, checked on every load.
         vae_path, vae_subfolder: take the VAE from another model (the reference uses the fine-tune's).
         compile: ``torch.compile`` the UNet in place (True or "max-autotune-no-cudagraphs"; docs/performance.md).
         vae_channels_last: channels-last VAE (off: no measured gain on an H100, docs/performance.md).
@@ -191,6 +268,11 @@ class InstaFlowBackend:
         dt = resolve_dtype(dtype, dev)
         kw = hub_kwargs(revision, local_files_only)
         path = pretrained_model_name_or_path
+        sources = [(path, revision), (vae_path, revision)] + [(unet_delta[k], None) for k in ("base", "finetuned")
+                                                              if unet_delta]
+        for source, rev in sources:  # every folder the UNet and VAE come from is an SD1.5-family model
+            if source is not None:
+                check_family("instaflow", source, rev, local_files_only)
         # the delta is added in fp32, then the merged UNet is cast to dt
         unet = load_component(UNet2DConditionModel, path, "unet", torch_dtype=torch.float32 if unet_delta else dt, **kw)
         if unet_delta:
@@ -222,33 +304,35 @@ class InstaFlowBackend:
 
     @classmethod
     def _merge(cls, unet, spec: dict, path: str, revision, local_files_only, cache_dir: Optional[str]) -> None:
-        """unet ← unet + α·(finetuned − base), from the merge cache when it has this merge."""
+        """unet ← unet + α·(finetuned − base), from a verified cache entry when there is one
+        (:func:`load_merged_unet_state`), else computed into new tensors and stored.  The UNet is
+        written once, with a complete state: never a merge on top of a partly loaded entry."""
         alpha = float(spec.get("alpha", 1.0))
 
-        def key():
-            return merge_cache_key(unet_identity(path, revision), unet_identity(spec["base"]),
-                                   unet_identity(spec["finetuned"]), alpha)
+        def entry():
+            return merge_cache_entry(unet_identity(path, revision), unet_identity(spec["base"]),
+                                     unet_identity(spec["finetuned"]), alpha)
 
-        if cache_dir is None:
-            merge_unet_delta(unet, *cls._load_delta(spec, local_files_only))
-            return
-        from filelock import FileLock
-
-        os.makedirs(cache_dir, exist_ok=True)
-        with FileLock(os.path.join(cache_dir, ".lock"), timeout=3600):  # concurrent runs merge once
-            k = key()
-            cached = load_merged_unet_state(cache_dir, k) if k is not None else None
-            if cached is not None:
-                try:
-                    unet.load_state_dict(cached, strict=True)
-                    return
-                except RuntimeError:  # another layout under the same key: recompute and replace
-                    pass
-            merge_unet_delta(unet, *cls._load_delta(spec, local_files_only))
-            k = k or key()  # hub models are identifiable once downloaded
-            if k is not None:
-                save_merged_unet_state(cache_dir, k, unet, entry=json.dumps(
-                    {"instaflow": path, "base": spec["base"], "finetuned": spec["finetuned"], "alpha": alpha}))
+        state = unet.state_dict()
+        e = entry() if cache_dir is not None else None
+        merged, why = load_merged_unet_state(cache_dir, e, state) if e is not None else (None, "")
+        if merged is None:
+            with (merge_lock(cache_dir) if cache_dir is not None else contextlib.nullcontext(False)) as writable:
+                if writable and e is not None and not why:  # another run may have stored it meanwhile
+                    merged, why = load_merged_unet_state(cache_dir, e, state)
+                if merged is None:
+                    if why:
+                        log.warning(f"merge cache: the entry for this merge in {cache_dir} is not used: {why}; "
+                                    "recomputing it")
+                    merged = merged_unet_state(state, *cls._load_delta(spec, local_files_only))
+                    e = e or entry()  # hub models are identifiable once downloaded
+                    if writable and e is not None:
+                        try:
+                            save_merged_unet_state(cache_dir, e, merged)
+                        except OSError as err:
+                            log.warning(f"merge cache: could not store the merged UNet in {cache_dir} "
+                                        f"({err.strerror or err}); it is used uncached")
+        unet.load_state_dict(merged, strict=True)
 
     @staticmethod
     def _load_delta(spec: dict, local_files_only: Optional[bool]):
@@ -286,17 +370,23 @@ class InstaFlowBackend:
         check_shape("x_t", x_t, ndim=4, channels=LATENT_CHANNELS)
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must have shape [B] = [{x_t.shape[0]}], got {tuple(t.shape)}")
-        if "encoder_hidden_states" not in cond:
-            raise ValueError(f"InstaFlow cond needs key 'encoder_hidden_states' [B, 77, D], got keys {sorted(cond)}")
+        self.check_cond(cond)
         ehs = expand_cond(cond, x_t.shape[0])["encoder_hidden_states"]
-        if ehs.ndim != 3 or ehs.shape[-1] != self.cross_attention_dim:
-            raise ValueError(
-                f"encoder_hidden_states must be [B, L, {self.cross_attention_dim}], got {tuple(ehs.shape)}"
-            )
         timestep = convention.model_timestep(t.to(self.device, torch.float32))
         out = self.unet(x_t.to(self.device, self.dtype), timestep,
                         encoder_hidden_states=ehs.to(self.device, self.dtype)).sample
         return convention.to_velocity(out).to(x_t.dtype)
+
+    def check_cond(self, cond: Cond, name: str = "cond") -> None:
+        """The key and width the UNet needs; one line naming ``name``, the key, the shape given and
+        the shape needed (called by ``cfg_velocity`` for cond and uncond)."""
+        if "encoder_hidden_states" not in cond:
+            raise ValueError(f"{name}: the InstaFlow condition needs key 'encoder_hidden_states' [B, 77, D], got keys "
+                             f"{sorted(cond)}")
+        ehs = cond["encoder_hidden_states"]
+        if ehs.ndim != 3 or ehs.shape[-1] != self.cross_attention_dim:
+            raise ValueError(f"{name}['encoder_hidden_states'] must be [B, L, {self.cross_attention_dim}] (the UNet's "
+                             f"cross_attention_dim), got {tuple(ehs.shape)}")
 
     def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """v_t = −UNet(x_t, convention.model_timestep(t), c)  (InstaFlow predicts x0 − ε)."""
@@ -309,9 +399,11 @@ class InstaFlowBackend:
             height, width = self.latent_size
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
-    def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """z = 0.18215 · sample(VAE.enc(2·rgb − 1)), differentiable wrt rgb [B,3,H,W] in [0,1]."""
-        x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor)
+    def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None,
+               checks: Optional[DeferredChecks] = None) -> Tensor:
+        """z = 0.18215 · sample(VAE.enc(2·rgb − 1)), differentiable wrt rgb [B,3,H,W] in [0,1]; rgb is
+        checked as in SD3Backend.encode (base.check_rgb, queued on ``checks`` when given)."""
+        x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor, checks)
         posterior = self.vae.encode(vae_input(x.to(self.device, self.dtype), self.vae_channels_last)).latent_dist
         return (posterior.sample(generator) * self.scaling_factor).to(rgb.dtype)
 

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from .. import flow
-from ..checks import check_choice, check_shape
+from ..checks import DeferredChecks, check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
 from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, latent_noise_shape, load_component,
                    maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
+from .family import check_family
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 LATENT_CHANNELS = 16
@@ -96,6 +97,7 @@ class SD3Backend:
         dtype = resolve_dtype(dtype, device)
         kw = hub_kwargs(revision, local_files_only)
         path = pretrained_model_name_or_path
+        check_family("sd3", path, revision, local_files_only)
         scheduler = load_component(FlowMatchEulerDiscreteScheduler, path, "scheduler", **kw)
         if scheduler.config.get("use_dynamic_shifting", False) and shift is None:
             raise ValueError(f"{path!r} uses resolution-dependent (dynamic) shifting; pass a fixed shift=")
@@ -160,18 +162,25 @@ class SD3Backend:
             raise ValueError(f"{name} spatial size {h}x{w} must be a multiple of the patch size {p} and at most "
                              f"{p * m} (latents of renders up to {p * m * self.vae_scale_factor} px)")
 
-    def _check_cond(self, cond: Cond, batch: int) -> Cond:
+    def check_cond(self, cond: Cond, name: str = "cond") -> None:
+        """The keys and widths the transformer needs; one line naming ``name``, the key, the shape
+        given and the shape needed (called by ``cfg_velocity`` for cond and uncond)."""
         missing = [k for k in COND_KEYS if k not in cond]
         if missing:
-            raise ValueError(f"SD3 condition needs keys {list(COND_KEYS)}, missing {missing} (got {sorted(cond)})")
-        cond = expand_cond({k: cond[k] for k in COND_KEYS}, batch)
+            raise ValueError(f"{name}: the SD3 condition needs keys {list(COND_KEYS)}, missing {missing} "
+                             f"(got {sorted(cond)})")
         pe, pp = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
         cfg = self.transformer.config
         if pe.ndim != 3 or pe.shape[-1] != cfg.joint_attention_dim:
-            raise ValueError(f"prompt_embeds must be [B, L, {cfg.joint_attention_dim}], got {tuple(pe.shape)}")
+            raise ValueError(f"{name}['prompt_embeds'] must be [B, L, {cfg.joint_attention_dim}] (the transformer's "
+                             f"joint_attention_dim), got {tuple(pe.shape)}")
         if pp.ndim != 2 or pp.shape[-1] != cfg.pooled_projection_dim:
-            raise ValueError(f"pooled_prompt_embeds must be [B, {cfg.pooled_projection_dim}], got {tuple(pp.shape)}")
-        return cond
+            raise ValueError(f"{name}['pooled_prompt_embeds'] must be [B, {cfg.pooled_projection_dim}] (the "
+                             f"transformer's pooled_projection_dim), got {tuple(pp.shape)}")
+
+    def _check_cond(self, cond: Cond, batch: int) -> Cond:
+        self.check_cond(cond)
+        return expand_cond({k: cond[k] for k in COND_KEYS}, batch)
 
     def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """v_t = transformer(x_t, 1000·t, c) (SD3 predicts ε − x0), in x_t's dtype."""
@@ -196,11 +205,14 @@ class SD3Backend:
         f = self.vae_scale_factor
         return height // f, width // f
 
-    def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None,
+               checks: Optional[DeferredChecks] = None) -> Tensor:
         """rgb [B,3,H,W] in [0,1] → z = (E(2·rgb − 1) − shift_factor)·scaling_factor, differentiable.
 
-        E draws from the VAE posterior (``encode_mode="sample"``, with ``generator``) or takes its mean."""
-        x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor)
+        E draws from the VAE posterior (``encode_mode="sample"``, with ``generator``) or takes its mean.
+        NaN or values beyond [0, 1] ± RGB_TOLERANCE are an error (base.check_rgb), queued on
+        ``checks`` for the step's one host sync, else checked at once."""
+        x = prepare_rgb(rgb, self.latent_rule, self.latent_size, self.vae_scale_factor, checks)
         posterior = self.vae.encode(vae_input(x.to(self.device, self.dtype), self.vae_channels_last)).latent_dist
         z = posterior.sample(generator) if self.encode_mode == "sample" else posterior.mean
         return ((z - self.shift_factor) * self.scaling_factor).to(rgb.dtype)

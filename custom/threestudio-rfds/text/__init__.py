@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import resolve_device, resolve_dtype
+from ..backends.family import check_family
 from ..checks import check_choice, check_finite, check_prompts
 
 FAMILIES = ("sd3", "instaflow")
@@ -64,6 +65,7 @@ def encode_prompts(
     dt = resolve_dtype(dtype, dev)
     opts = _options(fn, options)
     path = pretrained_model_name_or_path
+    check_family(model_family, path, opts.get("revision"), opts.get("local_files_only"))  # before any cache hit
 
     def compute(batch):
         out = fn(path, batch, device=dev, dtype=dt, **options)

@@ -14,6 +14,11 @@ Sharing: entries and the lock are created with the permissions of the user's uma
 002`` and a group-writable folder let a group share one cache).  A cache that cannot be written
 (full disk, read-only folder, unreadable entry) never costs the computed embeddings: they are
 returned and one warning line is logged (logger ``threestudio_rfds``).
+
+Limit: a local model is fingerprinted by (file, size, mtime) of its text-encoder and tokenizer
+files (:func:`model_fingerprint`, as git's index does), not by hashing the weights; weights
+replaced by files of the same sizes and mtimes are served the old embeddings.  Clear the cache
+after such a swap: ``rm -rf <cache_dir>`` (docs/tools.md, "Guarantees").
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ def tensors_digest(tensors: Embeddings) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of a large tensor
     return h.hexdigest()
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import hub_kwargs, load_component, resolve_device, resolve_dtype
+from ..backends.family import check_family
 from ..checks import check_prompts
 
 
@@ -47,6 +48,7 @@ def encode_clip_prompts(
     dt = resolve_dtype(dtype, dev)
     kw = hub_kwargs(revision, local_files_only)
     path = pretrained_model_name_or_path
+    check_family("instaflow", path, revision, local_files_only)
     tokenizer = load_component(_StrictCLIPTokenizer, path, "tokenizer", **kw)
     text_encoder = load_component(CLIPTextModel, path, "text_encoder", torch_dtype=dt, **kw).to(dev).eval()
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends.base import hub_kwargs, load_component, resolve_device, resolve_dtype
+from ..backends.family import check_family
 from ..checks import check_prompts
 
 CLIP_SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
@@ -104,6 +105,7 @@ def encode_sd3_prompts(
     dt = resolve_dtype(dtype, dev)
     kw = hub_kwargs(revision, local_files_only)
     path = pretrained_model_name_or_path
+    check_family("sd3", path, revision, local_files_only)
 
     hiddens, pooleds, max_length = [], [], None
     for tok_sub, enc_sub in CLIP_SUBFOLDERS:

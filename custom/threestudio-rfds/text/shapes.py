@@ -6,30 +6,14 @@ missing the answer is None and the cache falls back to the model's own rows.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
+from ..backends.family import read_config
 from .cache import Expect
 
 
 def _config(path: str, subfolder: str, name: str, revision: Optional[str]) -> Optional[dict]:
-    if os.path.isdir(path):
-        file = os.path.join(path, subfolder, name)
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            file = try_to_load_from_cache(path, f"{subfolder}/{name}", revision=revision)
-        except Exception:  # an id that is not a repository name, an old huggingface_hub
-            return None
-    if not isinstance(file, str) or not os.path.isfile(file):
-        return None
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return read_config(path, f"{subfolder}/{name}", revision)
 
 
 def _max_length(path: str, subfolder: str, revision: Optional[str]) -> Optional[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -30,6 +31,55 @@ def default_model(family: str) -> str:
     else:
         from ..backends.instaflow import DEFAULT_MODEL
     return DEFAULT_MODEL
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default (argparse's defaults formatter),
+    except unset (None) and off (False) defaults, whose help says what applies."""
+
+    def _shows_default(self, action: argparse.Action) -> bool:
+        return bool(action.option_strings) and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # argparse prints no help line without a help text
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = '""' if action.default == "" else "%(default)s"
+        if not self._shows_default(action) or "%(default)" in text or text.endswith(f"default: {default}"):
+            return text
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+@contextlib.contextmanager
+def library_progress(enabled: bool) -> Iterator[None]:
+    """Within the block, transformers', diffusers' and the hub client's progress bars ("Loading
+    weights", downloads) are off unless ``enabled`` (``--no-progress``); their state is restored."""
+    if enabled:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+
+    was = (transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled(),
+           not are_progress_bars_disabled())
+    transformers_logging.disable_progress_bar()  # the hub client's too
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            transformers_logging.enable_progress_bar()
+        if was[1]:
+            diffusers_logging.enable_progress_bar()
+        if was[2]:
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
@@ -65,6 +115,18 @@ def check_model_args(args: argparse.Namespace) -> None:
     args.pretrained = args.pretrained or default_model(args.model)
 
 
+def check_model_files(args: argparse.Namespace) -> None:
+    """The model family and --height/--width against the VAE factor, read from the model's config
+    files (a local folder or the hub cache) before any model loads: these errors take a second,
+    not a model load.  Models whose files are not on disk yet are checked after loading."""
+    from ..backends.family import check_family, vae_scale_factor
+
+    check_family(args.model, args.pretrained, fetch=False)
+    factor = vae_scale_factor(args.pretrained)
+    if factor is not None:
+        check_size_factor(factor, args.height, args.width)
+
+
 def check_numbers(args: argparse.Namespace, *, positive=(), finite=(), at_least: Optional[Dict[str, int]] = None,
                   fractions=()) -> None:
     """One-line errors for numeric flags (argparse accepts nan/inf/negatives): names are the
@@ -94,7 +156,8 @@ def add_output_args(ap: argparse.ArgumentParser, default: str):
                                                 "unless --overwrite")
     o.add_argument("--overwrite", action="store_true",
                    help="replace an existing output folder of this tool as a whole (at the end of the run)")
-    o.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
+    o.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bars (the optimisation's and the libraries' loading and download bars)")
     return o
 
 
@@ -177,7 +240,10 @@ def encode_pair(args: argparse.Namespace, backend, prompt: str, negative: str = 
 
 
 def check_size(backend, height: int, width: int, name: str = "--height/--width") -> None:
-    f = backend.vae_scale_factor
+    check_size_factor(backend.vae_scale_factor, height, width, name)
+
+
+def check_size_factor(f: int, height: int, width: int, name: str = "--height/--width") -> None:
     if height < f or width < f or height % f or width % f:
         raise ValueError(f"{name} {height}x{width} must be positive multiples of the VAE factor {f} "
                          f"(e.g. {max(f, height // f * f)}x{max(f, width // f * f)})")

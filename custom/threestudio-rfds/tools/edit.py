@@ -38,7 +38,7 @@ FAMILY_DEFAULTS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rfds-edit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="rfds-edit", description=__doc__, formatter_class=common.HelpFormatter)
     ap.add_argument("--image", required=True, help="RGB input image (RGBA is composited over white, gray is rejected)")
     ap.add_argument("--source-prompt", required=True, help="prompt describing the input image")
     ap.add_argument("--target-prompt", required=True, help="prompt of the edit")
@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    from ..checks import check_choice, check_range
+    from ..checks import check_choice, check_guidance_scale, check_range
 
     common.check_model_args(args)
     check_choice("--method", args.method, ("adam", "update"))
@@ -97,6 +97,9 @@ def check_args(args: argparse.Namespace) -> None:
                          finite=("inversion_guidance", "reg_weight", "sample_guidance", "edit_rfds_guidance"))
     if args.reg_weight < 0:
         raise ValueError(f"--reg-weight must be >= 0, got {args.reg_weight}")
+    for name in ("inversion_guidance", "sample_guidance", "edit_rfds_guidance"):
+        check_guidance_scale(getattr(args, name), "--" + name.replace("_", "-"))
+    common.check_model_files(args)  # family and --height/--width from the config files, before any load
     if args.out is None:
         from ..bench.suite import slugify
 
@@ -225,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         return _say(f"error: {e}", common.EXIT_USAGE)
     try:
-        with common.sigterm_as_interrupt():
+        with common.sigterm_as_interrupt(), common.library_progress(not args.no_progress):
             res = run(args)
             metrics = save_outputs(res, args, argv, stage.path)
             stage.publish()

@@ -35,7 +35,7 @@ DEFAULTS = {  # the reference 2D scripts' settings per model family
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rfds-2d", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="rfds-2d", description=__doc__, formatter_class=common.HelpFormatter)
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--negative-prompt", default="")
     common.add_model_args(ap)
@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-step-percent", type=float, default=0.98)
     g.add_argument("--weighting", default="none", help="none, sigmoid or sds (rfds.rfds_weighting)")
     g.add_argument("--n-inner", type=int, default=1, help="RFDS-Rev: iRFDS refinements of the noise")
-    g.add_argument("--grad-clip", type=float, default=None)
+    g.add_argument("--grad-clip", type=float, default=None, help="clamp g element-wise to [-c, c] (default: off)")
     g.add_argument("--nonfinite", default="error",
                    help="NaN/inf in the model output: error (stop, save the steps done) or zero (replace by 0, count)")
     g.add_argument("--time-convention", default="model", help="model or reference (flow.py)")
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    from ..checks import check_choice
+    from ..checks import check_choice, check_guidance_scale
     from ..rfds import ALGORITHMS, NONFINITE, WEIGHTINGS
 
     common.check_model_args(args)
@@ -86,6 +86,8 @@ def check_args(args: argparse.Namespace) -> None:
     args.lr = d["lr"] if args.lr is None else args.lr
     args.guidance_scale = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     args.save_every = args.save_every or max(1, args.steps // 10)
+    check_guidance_scale(args.guidance_scale, "--guidance-scale")
+    common.check_model_files(args)  # family and --height/--width from the config files, before any load
     if args.out is None:
         from ..bench.suite import slugify
 
@@ -200,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         return _say(f"error: {e}", common.EXIT_USAGE)
     try:
-        with common.sigterm_as_interrupt():
+        with common.sigterm_as_interrupt(), common.library_progress(not args.no_progress):
             return _run(args, argv, stage)
     finally:
         stage.discard()  # whatever was not published
