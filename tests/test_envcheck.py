@@ -185,7 +185,7 @@ def test_each_link_state_has_a_fix_that_works(tmp_path, state, status, says):
 
 def _no_cuda(monkeypatch, reason="no CUDA: torch is a CPU build"):
     monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: reason)
-    monkeypatch.setattr(envcheck, "nerfacc_extension_built", lambda: False)
+    monkeypatch.setattr(envcheck, "jit_extension_built", lambda prebuilt, name: False)
 
 
 def test_without_cuda_the_check_says_training_needs_a_gpu(tmp_path, capsys, monkeypatch):
@@ -207,7 +207,7 @@ def test_without_cuda_the_check_says_training_needs_a_gpu(tmp_path, capsys, monk
 def test_with_cuda_and_the_builds_the_training_check_passes_those_rows(tmp_path, monkeypatch):
     root = _checkout(tmp_path)
     monkeypatch.setattr(envcheck, "no_gpu_reason", lambda: None)
-    monkeypatch.setattr(envcheck, "nerfacc_extension_built", lambda: True)
+    monkeypatch.setattr(envcheck, "jit_extension_built", lambda prebuilt, name: True)
     real = envcheck.dist_version
     monkeypatch.setattr(envcheck, "dist_version", lambda d: "9.9" if d in ("tinycudann", "nvdiffrast") else real(d))
     rows = _rows(envcheck.check_environment(str(root), "training"))
