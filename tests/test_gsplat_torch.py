@@ -9,7 +9,9 @@ gradients); gradchecks use float64 and torch's defaults."""
 import math
 import os
 import re
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -488,3 +490,34 @@ def test_relocation_matches_equation_9():
         assert new_o[j].item() == pytest.approx(o_new, rel=1e-5)
         torch.testing.assert_close(new_s[j], scales[j] * (o / denom), rtol=1e-4, atol=0)
     assert torch.equal(new_s[0], scales[0] * 1.0)  # one copy keeps its scale
+
+
+# ----------------------------------------------------------------------------- CPU launch shim
+def test_cpu_launch_shim_supplies_the_stand_in_without_jit(tmp_path):
+    """Under tests/cpu_launch (the shim of the launch.py end-to-end tests) importing gsplat gives the
+    stand-in before gsplat.cuda._backend runs: no JIT compile starts and no build folder appears."""
+    code = (
+        "import gsplat, gsplat.cuda._backend as b, torch\n"
+        "assert b._C.__gsplat_torch__ and b._C is __import__('sys').modules['gsplat.csrc']\n"
+        "r = gsplat.isect_tiles(torch.zeros(1, 1, 2), torch.ones(1, 1, 2, dtype=torch.int32), torch.ones(1, 1),"
+        " 16, 1, 1)\n"
+        "print('ok', r[1].tolist())\n"
+    )
+    ext = tmp_path / "torch_extensions"
+    env = dict(os.environ, PYTHONPATH=os.path.join(HERE, "cpu_launch"), TORCH_EXTENSIONS_DIR=str(ext),
+               OMP_NUM_THREADS="1")
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                cwd=str(tmp_path))
+        deadline = time.monotonic() + 300
+        while proc.poll() is None:  # a JIT build first creates its build folder: stop it at once
+            if (ext.exists() and any(ext.iterdir())) or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"gsplat started a JIT build or hung: {list(ext.glob('*')) if ext.exists() else []}")
+            time.sleep(0.05)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "ok [1065353216]" in out  # tile 0, the float32 bits of depth 1.0
+    assert "Setting up CUDA" not in out and not (ext.exists() and any(ext.iterdir()))
