@@ -1,5 +1,6 @@
-"""Run a patch on a module right after it has been executed by its own loader: the one mechanism
-behind tests/cpu_launch/sitecustomize.py and scripts/device/ts_site/sitecustomize.py."""
+"""Run a patch on a module right after it has been executed by its own loader (or a hook just
+before it is first imported): the mechanism behind tests/cpu_launch/sitecustomize.py and
+scripts/device/ts_site/sitecustomize.py."""
 import importlib.abc
 import importlib.machinery
 from typing import Callable, Dict, Optional
@@ -35,3 +36,17 @@ class PatchAfterImport(importlib.abc.MetaPathFinder):
 
     def find_spec(self, name, path, target=None):
         return patched_spec(name, path, self.patches[name]) if name in self.patches else None
+
+
+class RunBeforeImport(importlib.abc.MetaPathFinder):
+    """Runs ``hooks[name]()`` once, just before module ``name`` is first looked for; the import then
+    proceeds as usual."""
+
+    def __init__(self, hooks: Dict[str, Callable[[], None]]):
+        self.hooks = dict(hooks)
+
+    def find_spec(self, name, path, target=None):
+        hook = self.hooks.pop(name, None)
+        if hook is not None:
+            hook()
+        return None

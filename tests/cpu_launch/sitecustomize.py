@@ -9,6 +9,8 @@ the package imports it.  It only bends what threestudio hard-codes for CUDA:
 * ``threestudio.utils.misc.get_device()`` (always ``cuda:<rank>``, imported by name in many
   modules) → ``cpu``, by swapping the one function object's code so every binding answers cpu;
 * nerfacc's CUDA kernels → the pure-torch stand-in ``tests/nerfacc_torch.py``;
+* gsplat's CUDA kernels → ``tests/gsplat_torch.py``, installed just before ``gsplat`` is first
+  imported, so ``gsplat.cuda._backend`` never starts its JIT build (nvcc may exist here);
 * tinycudann / nvdiffrast → the import-only placeholders in ``tests/placeholders`` (appended to
   ``sys.path``, so real installations win).
 
@@ -22,7 +24,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _TESTS = os.path.dirname(_HERE)
 sys.path.append(os.path.join(_TESTS, "placeholders"))
 sys.path.append(_HERE)  # also when this file is loaded by path (scripts/device/ts_site/sitecustomize.py)
-from post_import import PatchAfterImport  # noqa: E402
+from post_import import PatchAfterImport, RunBeforeImport  # noqa: E402
 
 
 def _cpu_trainer(module) -> None:
@@ -49,6 +51,13 @@ def _nerfacc_torch(_module) -> None:
     nerfacc_torch.install()
 
 
+def _gsplat_torch() -> None:
+    sys.path.append(_TESTS)
+    import gsplat_torch
+
+    gsplat_torch.install()
+
+
 def _forbid_transformers(module) -> None:
     def refuse(cls, *args, **kwargs):
         raise RuntimeError(f"RFDS_TEST_FORBID_TRANSFORMERS: {cls.__name__}.from_pretrained was called")
@@ -66,3 +75,4 @@ if os.environ.get("RFDS_TEST_FORBID_TRANSFORMERS") == "1":
 
 
 sys.meta_path.insert(0, PatchAfterImport(PATCHES))
+sys.meta_path.insert(0, RunBeforeImport({"gsplat": _gsplat_torch}))
