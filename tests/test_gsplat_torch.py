@@ -460,6 +460,22 @@ def test_default_strategy_duplicates_splits_and_prunes(absgrad, capsys):
     assert all(len(p) == len(params["means"]) for p in params.values())
 
 
+def test_default_strategy_1_5_3_never_resets_opacity():
+    """docs/gaussians.md §6 relies on it: gsplat 1.5.3 tests ``step % reset_every == 0 & step > 0``,
+    which parses as ``step % reset_every == (0 & step) > 0`` and is never true, so opacities are not
+    reset at step ``reset_every``.  If a gsplat release fixes it, this fails: update the docs."""
+    params, optimizers, viewmats, Ks = _splat_params()
+    strategy = gsplat.DefaultStrategy(refine_start_iter=10_000, reset_every=4, refine_stop_iter=100)
+    state = strategy.initialize_state()
+    before = params["opacities"].detach().clone()
+    img, alphas, info = _render(params, viewmats, Ks)
+    strategy.step_pre_backward(params, optimizers, state, 4, info)
+    img.mean().backward()
+    strategy.step_post_backward(params, optimizers, state, 4, info, packed=False)
+    assert torch.equal(params["opacities"], before)
+    assert (torch.sigmoid(before) > strategy.prune_opa * 2).any()  # a reset would have lowered these
+
+
 def test_mcmc_strategy_relocates_and_adds():
     params, optimizers, viewmats, Ks = _splat_params()
     with torch.no_grad():
