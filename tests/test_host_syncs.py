@@ -8,14 +8,18 @@ from random_conds import random_conds
 from sync_recorder import SyncRecorder
 from threestudio_rfds import rfds as core
 from threestudio_rfds.backends import load_backend
+from threestudio_rfds.protocol import for_latents
 
 DEFERRED_CHECK = ("__bool__", "checks.py")
 
 
-@pytest.fixture(scope="module", params=["sd3", "instaflow"])
-def backend(request, tiny_sd3_path, tiny_instaflow_path):
+@pytest.fixture(scope="module", params=["sd3", "flux-dev", "instaflow"])
+def backend(request, tiny_sd3_path, tiny_flux_paths, tiny_instaflow_path):
     if request.param == "sd3":
         return load_backend("sd3", pretrained_model_name_or_path=tiny_sd3_path, device="cpu")
+    if request.param == "flux-dev":  # resolution-dependent shift, guidance embedding, true CFG
+        return load_backend("flux", pretrained_model_name_or_path=tiny_flux_paths["dev"], device="cpu",
+                            guidance_mode="distilled+cfg")
     return load_backend("instaflow", pretrained_model_name_or_path=tiny_instaflow_path, device="cpu",
                         latent_size=(64, 64))
 
@@ -38,7 +42,8 @@ def test_one_deferred_sync_per_step(backend, algorithm, cfg_batched, seeded):
     try:
         with SyncRecorder() as rec:
             x0 = backend.encode(rgb, generator=gen)
-            out = getattr(core, algorithm)(backend, x0, cond, uncond, 7.5, cfg_batched=cfg_batched, generator=gen)
+            out = getattr(core, algorithm)(for_latents(backend, x0), x0, cond, uncond, 7.5, cfg_batched=cfg_batched,
+                                           generator=gen)
             calls.append("step returned")
             out.loss.backward()
     finally:

@@ -98,7 +98,7 @@ def _write(tmp_path, kind):
         ("gray", [], "grayscale image (PIL mode 'L'); an RGB image is required"),
         ("tiny", [], "is 8x8 pixels; both sides must be at least 16"),
         ("rgba", ["--rgba", "reject"], "has an alpha channel"),
-        ("rgb", ["--model", "dalle"], "--model must be one of ['sd3', 'instaflow']"),
+        ("rgb", ["--model", "dalle"], "--model must be one of ['sd3', 'flux', 'instaflow']"),
         ("rgb", ["--method", "ddim"], "--method must be one of"),
         ("rgb", ["--t-start", "0"], "--t-start must be a number in"),
         ("rgb", ["--schedule", "paper"], "--schedule must be one of ['model', 'reference']"),
