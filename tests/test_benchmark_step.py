@@ -119,6 +119,13 @@ def test_fp8_is_reported_as_skipped_where_unavailable(capsys):
     assert r["model"] == "sd3-medium" and r["skipped"]
 
 
+def test_flux_in_fp16_is_reported_as_skipped(capsys):
+    gs.main(["--tiny", "--cases", "flux-rfds,sd3-rfds", "--steps", "1", "--warmup", "0", "--dtype", "fp16"])
+    sd3, flux = sorted(_lines(capsys), key=lambda r: r["model"].endswith("flux-dev"))  # SD3 runs, FLUX does not
+    assert sd3["case"] == "sd3-rfds" and flux == {"model": "flux-dev", "label": "", "skipped": flux["skipped"]}
+    assert "bf16" in flux["skipped"]
+
+
 def test_cuda_graphs_wraps_the_denoiser(monkeypatch):
     from threestudio_rfds.steptime.levers import GraphedDenoiser
 

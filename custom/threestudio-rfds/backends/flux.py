@@ -322,6 +322,7 @@ class FluxBackend:
             time_shift = TimeShift(3.0, True) if transformer.config.guidance_embeds else TimeShift(1.0)
         self = cls.__new__(cls)
         p = next(transformer.parameters())
+        resolve_flux_dtype(p.dtype, p.device)  # fp16 refused here too
         self._setup(transformer, vae, p.device, p.dtype, time_shift, guidance_mode, distilled_guidance, latent_rule,
                     latent_size, encode_mode, model_id, compile, vae_channels_last, vae_checkpointing, None)
         return self
