@@ -253,5 +253,5 @@ def test_bad_latents_and_cond(backends, embeds):
         be.velocity(torch.randn(2, 16, 7, 8), t, cond)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         be.velocity(torch.randn(2, 16, 8, 8), t, {"prompt_embeds": cond["prompt_embeds"]})
-    with pytest.raises(ValueError, match=r"pooled_prompt_embeds must be \[B, 24\]"):
+    with pytest.raises(ValueError, match=r"cond\['pooled_prompt_embeds'\] must be \[B, 24\]"):
         be.velocity(torch.randn(2, 16, 8, 8), t, {**cond, "pooled_prompt_embeds": torch.randn(2, 2048)})

@@ -385,18 +385,25 @@ class FluxBackend:
             raise ValueError(f"{name} spatial size {h}x{w} must be even (FLUX packs 2×2 latent patches); renders "
                              f"must be multiples of {2 * self.vae_scale_factor} px")
 
-    def _check_cond(self, cond: Cond, batch: int) -> Cond:
+    def check_cond(self, cond: Cond, name: str = "cond") -> None:
+        """The keys and widths the transformer needs (T5 sequence, CLIP-L pooled); one line naming
+        ``name``, the key, the shape given and the shape needed."""
         missing = [k for k in COND_KEYS if k not in cond]
         if missing:
-            raise ValueError(f"FLUX condition needs keys {list(COND_KEYS)}, missing {missing} (got {sorted(cond)})")
-        cond = expand_cond({k: cond[k] for k in COND_KEYS}, batch)
+            raise ValueError(f"{name}: the FLUX condition needs keys {list(COND_KEYS)}, missing {missing} "
+                             f"(got {sorted(cond)})")
         pe, pp = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
         cfg = self.transformer.config
         if pe.ndim != 3 or pe.shape[-1] != cfg.joint_attention_dim:
-            raise ValueError(f"prompt_embeds must be [B, L, {cfg.joint_attention_dim}], got {tuple(pe.shape)}")
+            raise ValueError(f"{name}['prompt_embeds'] must be [B, L, {cfg.joint_attention_dim}] (the transformer's "
+                             f"joint_attention_dim), got {tuple(pe.shape)}")
         if pp.ndim != 2 or pp.shape[-1] != cfg.pooled_projection_dim:
-            raise ValueError(f"pooled_prompt_embeds must be [B, {cfg.pooled_projection_dim}], got {tuple(pp.shape)}")
-        return cond
+            raise ValueError(f"{name}['pooled_prompt_embeds'] must be [B, {cfg.pooled_projection_dim}] (the "
+                             f"transformer's pooled_projection_dim), got {tuple(pp.shape)}")
+
+    def _check_cond(self, cond: Cond, batch: int) -> Cond:
+        self.check_cond(cond)
+        return expand_cond({k: cond[k] for k in COND_KEYS}, batch)
 
     def _velocity(self, x_t: Tensor, t: Tensor, cond: Cond, guidance: Optional[float]) -> Tensor:
         self._check_latents("x_t", x_t)
