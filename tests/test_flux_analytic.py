@@ -18,7 +18,8 @@ import torch
 
 from threestudio_rfds import flow
 from threestudio_rfds.analytic import GaussianMixtureFlow
-from threestudio_rfds.backends.flux import FluxBackend, calculate_shift
+from threestudio_rfds.backends.flux import FluxBackend
+from threestudio_rfds.backends.flux_convention import calculate_shift
 from threestudio_rfds.protocol import for_latents
 from threestudio_rfds.rfds import rfds, rfds_from_noise
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from threestudio_rfds.backends.base import ModelLoadError
-from threestudio_rfds.backends.flux import (FluxBackend, TimeShift, calculate_shift, flux_sigmas, guidance_settings,
-                                            latent_image_ids, pack_latents, unpack_latents)
+from threestudio_rfds.backends.flux import FluxBackend
+from threestudio_rfds.backends.flux_convention import (TimeShift, calculate_shift, flux_sigmas, guidance_settings,
+                                                       latent_image_ids, pack_latents, unpack_latents)
 from threestudio_rfds.protocol import for_latents
 from threestudio_rfds.rfds import rfds, rfds_rev
 from threestudio_rfds.text.flux import encode_flux_prompts

@@ -61,7 +61,7 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.model != "flux" and (args.guidance_mode is not None or args.distilled_guidance is not None):
         raise ValueError(f"--guidance-mode and --distilled-guidance are FLUX options (--model flux), got --model {args.model}")
     if args.model == "flux":
-        from ..backends.flux import GUIDANCE_MODES
+        from ..backends.flux_convention import GUIDANCE_MODES
         from ..checks import check_choice
 
         args.guidance_mode = args.guidance_mode or "cfg"
