@@ -133,7 +133,7 @@ def test_encode_decode(backends, tiny_flux_paths):
     mean = FluxBackend(tiny_flux_paths["schnell"], device="cpu", encode_mode="mean")
     raw = mean.vae.encode(rgb.detach() * 2 - 1).latent_dist.mean
     torch.testing.assert_close(mean.encode(rgb.detach()), (raw - 0.1159) * 0.3611)  # FLUX.1's shift / scale
-    with pytest.raises(ValueError, match="multiple of 4"):  # VAE factor 2 × 2×2 packing
+    with pytest.raises(ValueError, match=r"render size 34x32 is not a multiple of 4 \(VAE factor 2 × FLUX.s 2×2"):
         be.encode(torch.rand(1, 3, 34, 32))
 
 

@@ -102,6 +102,8 @@ class FluxAtLatentSize:
         return self.backend.velocity(x_t, t, cond)
 
     def __getattr__(self, name: str):
+        if name == "backend":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.backend, name)
 
 
@@ -306,7 +308,12 @@ class FluxBackend:
 
     def encode(self, rgb: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """rgb [B,3,H,W] in [0,1] → z = (E(2·rgb − 1) − shift_factor)·scaling_factor, differentiable."""
-        x = prepare_rgb(rgb, self.latent_rule, self.latent_size, 2 * self.vae_scale_factor)  # even latents
+        m = 2 * self.vae_scale_factor  # even latents for the 2×2 packing
+        h, w = tuple(self.latent_size) if self.latent_rule == "resize" else tuple(rgb.shape[-2:])
+        if h % m or w % m:
+            raise ValueError(f"{'latent_size' if self.latent_rule == 'resize' else 'render size'} {h}x{w} is not a "
+                             f"multiple of {m} (VAE factor {self.vae_scale_factor} × FLUX's 2×2 latent patches)")
+        x = prepare_rgb(rgb, self.latent_rule, self.latent_size, m)
         posterior = self.vae.encode(vae_input(x.to(self.device, self.dtype), self.vae_channels_last)).latent_dist
         z = posterior.sample(generator) if self.encode_mode == "sample" else posterior.mean
         return ((z - self.shift_factor) * self.scaling_factor).to(rgb.dtype)
