@@ -23,7 +23,7 @@ def _version():
 setup(
     name="threestudio-rfds",
     version=_version(),
-    description="Rectified-flow score distillation (RFDS, RFDS-Rev, iRFDS) from SD3/SD3.5 and InstaFlow for threestudio",
+    description="Rectified-flow score distillation (RFDS, RFDS-Rev, iRFDS) from SD3/SD3.5, FLUX.1 and InstaFlow for threestudio",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
@@ -54,9 +54,13 @@ setup(
             "submitit>=1.5",  # rfds-bench's SLURM path is tested through submitit's local executors
             "gsplat>=1.5,<1.6",  # the Gaussian-splat path, tested on the CPU through tests/gsplat_torch.py
             "plyfile>=1.0",  # parses exported 3DGS PLY files independently of our writer
+            "torchao>=0.15",  # the quantised-denoiser path is tested on the CPU (int8/float8 weight-only)
         ],
         "gs": ["gsplat>=1.5,<1.6"],  # rfds-gaussian-system (CUDA kernels compile on first use)
         "slurm": ["submitit>=1.5"],  # rfds-bench run --executor slurm
+        # quantised denoiser (guidance option quantization: int8-weight-only / float8-weight-only through
+        # diffusers' TorchAoConfig, whose minimum is torchao 0.15); NF4 needs bitsandbytes and a CUDA GPU instead
+        "quant": ["torchao>=0.15"],
     },
     entry_points={
         "console_scripts": [

@@ -51,6 +51,22 @@ def tiny_sd3_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd35_paths(tmp_path_factory) -> dict:
+    """{variant: folder} of the tiny SD3.5 Large / Large Turbo / Medium architectures (tests/tiny_sd3.py)."""
+    from tiny_sd3 import SD3_VARIANTS, build_tiny_sd3
+
+    return {v: build_tiny_sd3(str(tmp_path_factory.mktemp(v)), v) for v in SD3_VARIANTS if v != "sd3"}
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_paths(tmp_path_factory) -> dict:
+    """{"dev": folder, "schnell": folder} of the tiny FLUX.1 pipelines (tests/tiny_flux.py)."""
+    from tiny_flux import VARIANTS, build_tiny_flux
+
+    return {v: build_tiny_flux(str(tmp_path_factory.mktemp(f"tiny-flux-{v}")), v) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
 def tiny_instaflow_path(tmp_path_factory) -> str:
     from tiny_instaflow import build_tiny_instaflow
 

@@ -1,4 +1,4 @@
-"""Speed / memory options of both backends change how, never what, they compute."""
+"""Speed / memory options of every backend change how, never what, they compute."""
 import pytest
 import torch
 
@@ -6,9 +6,10 @@ from random_conds import random_conds
 from threestudio_rfds.backends import load_backend
 
 
-@pytest.fixture(params=["sd3", "instaflow"])
-def family_path(request, tiny_sd3_path, tiny_instaflow_path):
-    return request.param, {"sd3": tiny_sd3_path, "instaflow": tiny_instaflow_path}[request.param]
+@pytest.fixture(params=["sd3", "flux", "instaflow"])
+def family_path(request, tiny_sd3_path, tiny_flux_paths, tiny_instaflow_path):
+    return request.param, {"sd3": tiny_sd3_path, "flux": tiny_flux_paths["schnell"],
+                           "instaflow": tiny_instaflow_path}[request.param]
 
 
 def _encode_with_grad(backend, rgb):

@@ -10,14 +10,18 @@ from sync_recorder import SyncRecorder
 from threestudio_rfds import rfds as core
 from threestudio_rfds.checks import DeferredChecks
 from threestudio_rfds.backends import load_backend
+from threestudio_rfds.protocol import for_latents
 
 DEFERRED_CHECK = ("__bool__", "checks.py")
 
 
-@pytest.fixture(scope="module", params=["sd3", "instaflow"])
-def backend(request, tiny_sd3_path, tiny_instaflow_path):
+@pytest.fixture(scope="module", params=["sd3", "flux-dev", "instaflow"])
+def backend(request, tiny_sd3_path, tiny_flux_paths, tiny_instaflow_path):
     if request.param == "sd3":
         return load_backend("sd3", pretrained_model_name_or_path=tiny_sd3_path, device="cpu")
+    if request.param == "flux-dev":  # resolution-dependent shift, guidance embedding, true CFG
+        return load_backend("flux", pretrained_model_name_or_path=tiny_flux_paths["dev"], device="cpu",
+                            guidance_mode="distilled+cfg")
     return load_backend("instaflow", pretrained_model_name_or_path=tiny_instaflow_path, device="cpu",
                         latent_size=(64, 64))
 
@@ -41,8 +45,8 @@ def test_one_deferred_sync_per_step(backend, algorithm, cfg_batched, seeded):
         with SyncRecorder() as rec:
             checks = DeferredChecks()  # the render's value check joins the step's one sync
             x0 = backend.encode(rgb, generator=gen, checks=checks)
-            out = getattr(core, algorithm)(backend, x0, cond, uncond, 7.5, cfg_batched=cfg_batched, generator=gen,
-                                           checks=checks)
+            out = getattr(core, algorithm)(for_latents(backend, x0), x0, cond, uncond, 7.5, cfg_batched=cfg_batched,
+                                           generator=gen, checks=checks)
             calls.append("step returned")
             out.loss.backward()
     finally:

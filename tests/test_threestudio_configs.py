@@ -19,7 +19,8 @@ GS_TYPES = {"gaussian-splatting-system", "gaussian-splatting", "diff-gaussian-ra
 def test_all_configs_are_listed():
     assert {"rfds-sd3.yaml", "rfds-rev-sd3.yaml", "rfds-instaflow.yaml", "rfds-rev-instaflow.yaml",
             "rfds-sd3-low-memory.yaml", "rfds-rev-sd3-low-memory.yaml", "rfds-sd3-3dgs.yaml",
-            "rfds-sd3-refine.yaml"} <= set(CONFIGS)
+            "rfds-sd3-refine.yaml", "rfds-flux-schnell.yaml", "rfds-flux-dev.yaml", "rfds-flux-schnell-low-memory.yaml",
+            "rfds-flux-dev-low-memory.yaml", "rfds-sd35-large.yaml", "rfds-sd35-large-turbo.yaml"} <= set(CONFIGS)
 
 
 def _is_instaflow(name):
@@ -56,12 +57,21 @@ def _small_sizes(cfg):
 
 
 @pytest.fixture(scope="module")
-def paths(tiny_sd3_path, tiny_instaflow_path):
-    return {"sd3": tiny_sd3_path, "instaflow": tiny_instaflow_path}
+def paths(tiny_sd3_path, tiny_instaflow_path, tiny_flux_paths, tiny_sd35_paths):
+    return {"sd3": tiny_sd3_path, "instaflow": tiny_instaflow_path, "flux-dev": tiny_flux_paths["dev"],
+            "flux-schnell": tiny_flux_paths["schnell"], **tiny_sd35_paths}
+
+
+def model_family(name: str) -> str:
+    """The tiny model of the architecture a shipped config names (tests/tiny_*.py)."""
+    for key in ("flux-dev", "flux-schnell", "sd35-large-turbo", "sd35-large", "instaflow"):
+        if key in name:
+            return key
+    return "sd3"
 
 
 def _model_path(paths, name):
-    return paths["instaflow" if _is_instaflow(name) else "sd3"]
+    return paths[model_family(name)]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -128,6 +138,10 @@ def test_config_trains_a_render_over_the_schedule(ts, workdir, paths, name):
     lean = "low-memory" in name  # the memory-lean options reach the backend
     assert guidance.backend.vae.encoder.gradient_checkpointing == lean
     assert (guidance.cfg.cfg_mode == "sequential") == lean
+    if "flux" in name:  # the 24 GB FLUX configs load the transformer quantised, the VAE not
+        assert guidance.backend.quantization == ("int8-weight-only" if lean else None)
+        assert getattr(guidance.backend.transformer, "is_quantized", False) == lean
+        assert not getattr(guidance.backend.vae, "is_quantized", False)
 
     steps = [0, 6000] if isinstance(cfg.data.width, (list, tuple)) or "resolution_milestones" in cfg.data else [0]
     for step in steps:

@@ -31,15 +31,18 @@ NERF_CONFIGS = {  # config → tiny model family
     "rfds-sd3.yaml": "sd3", "rfds-rev-sd3.yaml": "sd3",
     "rfds-sd3-low-memory.yaml": "sd3", "rfds-rev-sd3-low-memory.yaml": "sd3",
     "rfds-instaflow.yaml": "instaflow", "rfds-rev-instaflow.yaml": "instaflow",
+    "rfds-sd35-large.yaml": "sd35-large", "rfds-sd35-large-turbo.yaml": "sd35-large-turbo",
 }
 NOT_ON_CPU = {"rfds-sd3-refine.yaml", "rfds-sd3-3dgs.yaml"}
+ELSEWHERE = {"rfds-flux-schnell.yaml", "rfds-flux-dev.yaml", "rfds-flux-schnell-low-memory.yaml",
+             "rfds-flux-dev-low-memory.yaml"}  # tests/test_threestudio_e2e_flux.py
 SPAWN = {"rfds-sd3.yaml", "rfds-instaflow.yaml"}  # threestudio's prompt subprocess (spawn: true)
 PROMPT = "a ceramic vase with peonies"
 STEPS, EVERY = 6, 3
 
 
 def test_every_shipped_config_is_covered():  # the *-gs.yaml configs: test_threestudio_e2e_gs.py
-    assert set(NERF_CONFIGS) | NOT_ON_CPU == {c for c in shipped_configs() if not c.endswith("-gs.yaml")}
+    assert set(NERF_CONFIGS) | NOT_ON_CPU | ELSEWHERE == {c for c in shipped_configs() if not c.endswith("-gs.yaml")}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,8 @@ def root(ts):  # `ts`: threestudio imports in this environment (skips, with the 
 
 
 @pytest.fixture(scope="module")
-def models(tiny_sd3_path, tiny_instaflow_path):
-    return {"sd3": tiny_sd3_path, "instaflow": tiny_instaflow_path}
+def models(tiny_sd3_path, tiny_instaflow_path, tiny_sd35_paths):
+    return {"sd3": tiny_sd3_path, "instaflow": tiny_instaflow_path, **tiny_sd35_paths}
 
 
 def train_and_check(tmp_path, root, config: str, model_path: str, loss_key: str, spawn: bool) -> str:

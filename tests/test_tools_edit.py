@@ -57,6 +57,16 @@ def test_instaflow_fixed_point_inversion(tmp_path, tiny_instaflow_path, rgb_imag
     assert np.abs(_png(out, "edit.png").astype(int) - _png(out, "reconstruction.png").astype(int)).max() > 0
 
 
+@pytest.mark.parametrize("variant,mode", [("dev", "distilled+cfg"), ("schnell", "cfg")])
+def test_flux_edit(tmp_path, tiny_flux_paths, rgb_image, variant, mode):
+    out, rec = _edit(tmp_path, rgb_image, "flux", tiny_flux_paths[variant], "--guidance-mode", mode,
+                     "--edit-rfds-steps", "1", "--t-start", "0.8")
+    s = rec["settings"]
+    assert s["guidance_mode"] == mode and s["init"] == "latent" and s["sample_guidance"] == 1.0
+    assert np.isfinite(rec["metrics"]["final_inversion_loss"]) and 0 < rec["metrics"]["psnr_reconstruction_db"] < 60
+    assert np.abs(_png(out, "edit.png").astype(int) - _png(out, "reconstruction.png").astype(int)).max() > 0
+
+
 def test_rgba_is_composited_with_a_note(tmp_path, tiny_instaflow_path):
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[8:24, 8:24] = [200, 30, 30, 255]
@@ -88,7 +98,7 @@ def _write(tmp_path, kind):
         ("gray", [], "grayscale image (PIL mode 'L'); an RGB image is required"),
         ("tiny", [], "is 8x8 pixels; both sides must be at least 16"),
         ("rgba", ["--rgba", "reject"], "has an alpha channel"),
-        ("rgb", ["--model", "dalle"], "--model must be one of ['sd3', 'instaflow']"),
+        ("rgb", ["--model", "dalle"], "--model must be one of ['sd3', 'flux', 'instaflow']"),
         ("rgb", ["--method", "ddim"], "--method must be one of"),
         ("rgb", ["--t-start", "0"], "--t-start must be a number in"),
         ("rgb", ["--schedule", "paper"], "--schedule must be one of ['model', 'reference']"),

@@ -1,4 +1,4 @@
-"""rfds-2d on the tiny SD3 / InstaFlow models: outputs, run record, reproducibility, errors."""
+"""rfds-2d on the tiny SD3 / FLUX.1 / InstaFlow models: outputs, run record, reproducibility, errors."""
 import json
 import os
 
@@ -52,6 +52,32 @@ def test_instaflow_rgb_space_is_reproducible(tmp_path, tiny_instaflow_path):
         gif.seek(gif.n_frames - 1)
         last = np.asarray(gif.convert("RGB"))
     assert np.abs(first.astype(int) - last.astype(int)).mean() > 0.5
+
+
+@pytest.mark.parametrize("variant,mode", [("dev", "distilled"), ("schnell", "cfg")])
+def test_flux_latent_and_rgb(tmp_path, tiny_flux_paths, variant, mode):
+    out, rec = _run(tmp_path, variant, "--model", "flux", "--pretrained", tiny_flux_paths[variant], "--guidance-mode",
+                    mode, "--particles", "2")
+    assert rec["settings"]["guidance_mode"] == mode and rec["settings"]["guidance_scale"] == 50.0
+    with open(os.path.join(out, "history.json")) as f:
+        h = json.load(f)
+    assert all(np.isfinite(h["loss"])) and all(g > 0 for g in h["grad_norm"])
+    out, _ = _run(tmp_path, variant + "-rgb", "--model", "flux", "--pretrained", tiny_flux_paths[variant], "--space",
+                  "rgb", "--algorithm", "rfds-rev", "--particles", "1")
+    assert Image.open(os.path.join(out, "final_0.png")).size == (32, 32)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--model", "sd3", "--guidance-mode", "cfg"], "--guidance-mode and --distilled-guidance are FLUX options"),
+    (["--model", "flux", "--guidance-mode", "true"], "--guidance-mode must be one of"),
+    (["--model", "flux", "--distilled-guidance", "3.5"], "distilled_guidance=3.5: this FLUX model has no guidance embedding"),
+    (["--model", "flux", "--dtype", "fp16"], "FLUX.1 overflows in fp16"),
+])
+def test_flux_bad_arguments(tmp_path, tiny_flux_paths, capsys, argv, match):
+    assert main(["--prompt", "x", "--pretrained", tiny_flux_paths["schnell"], "--out", str(tmp_path / "o"), *SMALL,
+                 *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert match in err[-1]
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,10 @@ Sizes (a few MB, built in about a second):
   * text_encoder / text_encoder_2: CLIPTextModelWithProjection, hidden = projection = 16 / 24.
   * text_encoder_3: T5EncoderModel, d_model 48 (> 16 + 24, so CLIP states are zero-padded as in SD3).
   * scheduler: FlowMatchEulerDiscreteScheduler(shift=3.0).
+
+``variant`` builds the SD3.5 architectures at the same widths (SD3_VARIANTS): "sd35-large" and
+"sd35-large-turbo" (MMDiT with RMS QK-norm; Turbo differs from Large only in its weights and use),
+"sd35-medium" (MMDiT-X: QK-norm and a dual-attention first layer).
 """
 from __future__ import annotations
 
@@ -24,6 +28,12 @@ import torch
 VAE_SCALE_FACTOR = 2  # 2 ** (len(block_out_channels) - 1)
 T5_DIM = 48
 CLIP_DIMS = (16, 24)
+SD3_VARIANTS = {  # transformer options of each architecture (diffusers' SD3Transformer2DModel arguments)
+    "sd3": {},
+    "sd35-large": {"qk_norm": "rms_norm"},
+    "sd35-large-turbo": {"qk_norm": "rms_norm"},
+    "sd35-medium": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+}
 
 
 def _bytes_to_unicode() -> dict:
@@ -78,15 +88,15 @@ def _t5_encoder():
     return T5EncoderModel(cfg).eval()
 
 
-def build_tiny_sd3(directory: str) -> str:
-    """Build, save and return the path of the tiny SD3 pipeline folder."""
+def build_tiny_sd3(directory: str, variant: str = "sd3") -> str:
+    """Build, save and return the path of the tiny SD3 (or SD3.5 ``variant``) pipeline folder."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=T5_DIM, caption_projection_dim=16,
-        pooled_projection_dim=sum(CLIP_DIMS), pos_embed_max_size=32,
+        pooled_projection_dim=sum(CLIP_DIMS), pos_embed_max_size=32, **SD3_VARIANTS[variant],
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,

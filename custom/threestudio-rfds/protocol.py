@@ -37,6 +37,14 @@ class LatentBackend(VelocityModel, Protocol):
     def decode(self, latents: Tensor) -> Tensor: ...  # latents → B×3×H×W in [0, 1]
 
 
+def for_latents(model: VelocityModel, x: Tensor) -> VelocityModel:
+    """``model`` with the convention that fits latents shaped like ``x``.  A backend whose time shift
+    depends on the latent size (FLUX.1 [dev]'s resolution-dependent shift) provides ``for_latents(x)``
+    and has no single convention; every other model is returned unchanged."""
+    fit = getattr(model, "for_latents", None)
+    return model if fit is None else fit(x)
+
+
 def cat_cond(*conds: Cond) -> Cond:
     """Stack conditions along the batch: the keys, and each tensor's shape after the batch
     dimension, must agree (empty conditions stay empty)."""

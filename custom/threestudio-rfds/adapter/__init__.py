@@ -1,7 +1,8 @@
 """threestudio integration: registers the RFDS guidance types, prompt processors and aliases.
 
-    rfds-sd3-guidance, rfds-rev-sd3-guidance, rfds-instaflow-guidance, rfds-rev-instaflow-guidance
-    rfds-sd3-prompt-processor, rfds-instaflow-prompt-processor
+    rfds-sd3-guidance, rfds-rev-sd3-guidance, rfds-flux-guidance, rfds-rev-flux-guidance,
+    rfds-instaflow-guidance, rfds-rev-instaflow-guidance
+    rfds-sd3-prompt-processor, rfds-flux-prompt-processor, rfds-instaflow-prompt-processor
     aliases for the paper's configs: RFDS, RFDS-Rev, RFDS-sd3, RFDS-Rev-sd3, sd3-prompt-processor, rf-system
     Gaussian splats on gsplat: rfds-gaussians, rfds-gsplat-renderer, rfds-gaussian-system, rfds-gaussian-exporter
 

@@ -1,4 +1,4 @@
-"""threestudio guidance modules: RFDS and RFDS-Rev from SD3/SD3.5 and InstaFlow.
+"""threestudio guidance modules: RFDS and RFDS-Rev from SD3/SD3.5, FLUX.1 and InstaFlow.
 
 Contract (threestudio's ``stable-diffusion-guidance``): ``guidance(rgb [B,H,W,C] in [0,1],
 prompt_utils, elevation, azimuth, camera_distances, rgb_as_latents=False, guidance_eval=False,
@@ -21,7 +21,7 @@ from .. import rfds as core
 from ..backends import backend_class
 from ..backends.instaflow import REFERENCE_DELTA
 from ..checks import DeferredChecks, check_choice, check_guidance_scale, check_positive, check_range
-from ..protocol import Cond, cfg_velocity
+from ..protocol import Cond, cfg_velocity, for_latents
 from .compat import adapter_device, require_threestudio
 from .evaluation import guidance_eval_images
 from .perp_neg import PerpNegModel, perp_neg_cond
@@ -44,6 +44,7 @@ class RFDSGuidanceBase(BaseModule):
     algorithm: ClassVar[str] = "rfds"  # or "rfds-rev"
     loss_key: ClassVar[str] = "rfds"  # → loss_rfds, weighted by lambda_rfds
     cond_keys: ClassVar[Tuple[str, Optional[str]]] = ("", None)  # (sequence key, pooled key)
+    prompt_processor: ClassVar[str] = ""  # the prompt processor whose embeddings this guidance takes
 
     @dataclass
     class Config(BaseModule.Config):
@@ -102,7 +103,7 @@ class RFDSGuidanceBase(BaseModule):
         self.generator = torch.Generator("cpu").manual_seed(c.seed) if c.seed is not None else None
         self.grad_clip_val: Optional[float] = None
         self.update_step(0, 0)
-        threestudio.info(f"Loaded {type(self).__name__} ({self.algorithm}, {self.backend.convention.name})")
+        threestudio.info(f"Loaded {type(self).__name__} ({self.algorithm}, {self.backend_name})")
 
     # ------------------------------------------------------------------ schedules
     def set_min_max_steps(self, min_step_percent: float = 0.02, max_step_percent: float = 0.98) -> None:
@@ -121,6 +122,10 @@ class RFDSGuidanceBase(BaseModule):
         if self.grad_clip_val is not None:
             check_positive("grad_clip", self.grad_clip_val)
         self.set_min_max_steps(C(c.min_step_percent, epoch, global_step), C(c.max_step_percent, epoch, global_step))
+
+    def cfg_scale(self) -> float:
+        """The CFG scale of the current step (FLUX's guidance modes may drop CFG)."""
+        return self.guidance_scale
 
     # ------------------------------------------------------------------ inputs
     def get_latents(self, rgb: Tensor, rgb_as_latents: bool = False, checks: Optional[DeferredChecks] = None) -> Tensor:
@@ -152,7 +157,7 @@ class RFDSGuidanceBase(BaseModule):
         vd = self.cfg.view_dependent_prompting
         if pooled is not None and not getattr(prompt_utils, "has_pooled", False):
             raise ValueError(f"{type(self).__name__} needs pooled text embeddings: use "
-                             f"prompt_processor_type 'rfds-sd3-prompt-processor', got {type(prompt_utils).__name__}")
+                             f"prompt_processor_type {self.prompt_processor!r}, got {type(prompt_utils).__name__}")
         dev, b = self.backend.device, elevation.shape[0]
         if prompt_utils.use_perp_neg if perp_neg is None else perp_neg:
             if not vd:
@@ -182,7 +187,7 @@ class RFDSGuidanceBase(BaseModule):
 
         With Perp-Neg the outer step runs on :class:`PerpNegModel` (CFG inside, scale 1 outside);
         RFDS-Rev's iRFDS updates always use the backend with the positive prompt."""
-        be, w = self.backend, self.guidance_scale
+        be, w = for_latents(self.backend, x0), self.cfg_scale()  # FLUX.1 [dev]: the shift of x0's size
         batched = self.cfg.cfg_mode == "batched"
         if neg is None:
             model, c, scale = be, cond, w
@@ -240,7 +245,7 @@ class RFDSGuidanceBase(BaseModule):
         cond, uncond, _, _ = self.conditions(prompt_utils, elevation, azimuth, camera_distances, perp_neg=False)
         h, w = be.latent_shape(int(kwargs.get("height", 512)), int(kwargs.get("width", 512)))
         f = be.vae_scale_factor
-        scale = self.guidance_scale if self.cfg.sample_guidance_scale is None else self.cfg.sample_guidance_scale
+        scale = self.cfg_scale() if self.cfg.sample_guidance_scale is None else self.cfg.sample_guidance_scale
         steps = {} if self.cfg.sample_num_steps is None else {"num_inference_steps": self.cfg.sample_num_steps}
         with torch.autocast(self.device.type, enabled=False):
             latents = be.sample(cond, uncond, scale, generator=torch.Generator("cpu").manual_seed(seed),
@@ -266,6 +271,7 @@ class RFDSSD3Guidance(RFDSGuidanceBase):
 
     backend_name = "sd3"
     cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    prompt_processor = "rfds-sd3-prompt-processor"
 
     @dataclass
     class Config(RFDSGuidanceBase.Config):
@@ -294,6 +300,61 @@ class RFDSRevSD3Guidance(_RevMixin, RFDSSD3Guidance):
         weighting: str = "none"  # the reference RFDS-Rev-sd3 draws sigmoid weights but never applies them
         n_inner_steps: int = 1
         inner_step_size: Any = "auto"  # η = 1 − t, the reference's 1 − σ
+
+    cfg: Config
+
+
+# ---------------------------------------------------------------------- FLUX.1
+class RFDSFluxGuidance(RFDSGuidanceBase):
+    """RFDS from FLUX.1 [dev] / [schnell] (16-channel latents packed 2×2, ``{"prompt_embeds" (T5),
+    "pooled_prompt_embeds" (CLIP-L)}``).  ``guidance_mode`` (docs/math.md §2.4): "distilled" feeds
+    ``distilled_guidance`` g to [dev]'s guidance embedding and takes no negative pass; "cfg" is true CFG
+    at ``guidance_scale`` (g = 1 for [dev]; the only mode of [schnell]); "distilled+cfg" both.  Both
+    numbers are schedulable."""
+
+    backend_name = "flux"
+    cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    prompt_processor = "rfds-flux-prompt-processor"
+
+    @dataclass
+    class Config(RFDSGuidanceBase.Config):
+        pretrained_model_name_or_path: str = "black-forest-labs/FLUX.1-schnell"
+        guidance_mode: str = "cfg"  # distilled | cfg | distilled+cfg
+        guidance_scale: Any = 100.0  # true-CFG scale w (modes cfg, distilled+cfg); schedules allowed
+        distilled_guidance: Optional[Any] = None  # g of [dev]'s embedding (distilled modes; None = 3.5); schedules
+        min_step_percent: Any = 0.02
+        max_step_percent: Any = 0.98
+        weighting: str = "none"
+        latent_rule: str = "native"  # renders must be multiples of 16 px (VAE factor 8 × 2×2 packing)
+        shift: Optional[float] = None  # None: the scheduler's ([dev]: resolution-dependent, [schnell]: 1)
+        encode_mode: str = "sample"
+        quantization: Optional[str] = None  # int8-weight-only | float8-weight-only (torchao) | nf4 (bitsandbytes)
+
+    cfg: Config
+
+    def backend_kwargs(self) -> Dict[str, Any]:
+        c = self.cfg
+        g = None if c.distilled_guidance is None else float(C(c.distilled_guidance, 0, 0))
+        return {**super().backend_kwargs(), "shift": c.shift, "encode_mode": c.encode_mode,
+                "quantization": c.quantization, "guidance_mode": c.guidance_mode, "distilled_guidance": g}
+
+    def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
+        super().update_step(epoch, global_step, on_load_weights)
+        g = self.cfg.distilled_guidance
+        self.backend.set_distilled_guidance(None if g is None else float(C(g, epoch, global_step)))
+
+    def cfg_scale(self) -> float:
+        return self.backend.cfg_scale(self.guidance_scale)
+
+
+class RFDSRevFluxGuidance(_RevMixin, RFDSFluxGuidance):
+    """RFDS-Rev from FLUX.1: ``n_inner_steps`` iRFDS updates of ε (conditional velocity, the mode's g),
+    then RFDS."""
+
+    @dataclass
+    class Config(RFDSFluxGuidance.Config):
+        n_inner_steps: int = 1
+        inner_step_size: Any = "auto"  # η = 1 − t
 
     cfg: Config
 
@@ -404,6 +465,8 @@ class ReferenceRFDSRevSD3Guidance(RFDSRevSD3Guidance):
 GUIDANCES = {
     "rfds-sd3-guidance": RFDSSD3Guidance,
     "rfds-rev-sd3-guidance": RFDSRevSD3Guidance,
+    "rfds-flux-guidance": RFDSFluxGuidance,
+    "rfds-rev-flux-guidance": RFDSRevFluxGuidance,
     "rfds-instaflow-guidance": RFDSInstaFlowGuidance,
     "rfds-rev-instaflow-guidance": RFDSRevInstaFlowGuidance,
 }

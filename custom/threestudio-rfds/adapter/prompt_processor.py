@@ -1,6 +1,6 @@
-"""threestudio prompt processors for SD3 (sequence + pooled embeddings) and InstaFlow (CLIP).
+"""threestudio prompt processors for SD3 and FLUX.1 (sequence + pooled embeddings) and InstaFlow (CLIP).
 
-Both keep threestudio's machinery: view-dependent prompts, Perp-Neg, prompt debiasing, the
+All keep threestudio's machinery: view-dependent prompts, Perp-Neg, prompt debiasing, the
 on-disk cache ``.threestudio_cache/text_embeddings`` (one subfolder per encoder setting) and the
 ``spawn`` subprocess that encodes prompts so the text encoders never share GPU memory with the
 flow model.  The encoding itself is :func:`threestudio_rfds.text.encode_prompts`.
@@ -53,7 +53,8 @@ class RFDSPromptProcessorOutput(PromptProcessorOutput):
 
     def _require_pooled(self) -> None:
         if not self.has_pooled:
-            raise ValueError("these prompt embeddings carry no pooled embeddings (use rfds-sd3-prompt-processor)")
+            raise ValueError("these prompt embeddings carry no pooled embeddings (use rfds-sd3-prompt-processor or "
+                             "rfds-flux-prompt-processor)")
 
     def direction_index(self, elevation: Tensor, azimuth: Tensor, camera_distances: Tensor) -> Tensor:
         """Index of the view direction of each camera (threestudio's rule: later directions win)."""
@@ -201,25 +202,8 @@ class _RFDSCacheMixin:
         super().load_text_embeddings()
 
 
-class SD3PromptProcessor(_RFDSCacheMixin, PromptProcessor):
-    """SD3 / SD3.5 prompts → ``prompt_embeds`` [L, D] and ``pooled_prompt_embeds`` [P] per prompt."""
-
-    family = "sd3"
-
-    @dataclass
-    class Config(PromptProcessor.Config):
-        pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-3-medium-diffusers"
-        use_t5: bool = True  # False: zeros in place of T5 (no 4.7B-parameter encoder, less memory)
-        max_sequence_length: int = 256  # T5 tokens
-        clip_skip: Optional[int] = None
-        encode_dtype: str = "auto"  # text encoders' dtype: auto = bf16 on CUDA, fp32 on CPU
-        local_files_only: Optional[bool] = None
-
-    cfg: Config
-
-    def encoder_options(self) -> dict:
-        return {**super().encoder_options(), "use_t5": self.cfg.use_t5,
-                "max_sequence_length": self.cfg.max_sequence_length, "clip_skip": self.cfg.clip_skip}
+class _PooledPromptProcessor(_RFDSCacheMixin, PromptProcessor):
+    """Sequence + pooled embeddings per prompt (SD3, FLUX): each cache file holds both."""
 
     def load_text_embeddings(self):
         self._use_rfds_cache_dir()
@@ -240,6 +224,46 @@ class SD3PromptProcessor(_RFDSCacheMixin, PromptProcessor):
                 "uncond_pooled_embeddings_vd": self.uncond_pooled_embeddings_vd}
 
 
+class SD3PromptProcessor(_PooledPromptProcessor):
+    """SD3 / SD3.5 prompts → ``prompt_embeds`` [L, D] and ``pooled_prompt_embeds`` [P] per prompt."""
+
+    family = "sd3"
+
+    @dataclass
+    class Config(PromptProcessor.Config):
+        pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-3-medium-diffusers"
+        use_t5: bool = True  # False: zeros in place of T5 (no 4.7B-parameter encoder, less memory)
+        max_sequence_length: int = 256  # T5 tokens
+        clip_skip: Optional[int] = None
+        encode_dtype: str = "auto"  # text encoders' dtype: auto = bf16 on CUDA, fp32 on CPU
+        local_files_only: Optional[bool] = None
+
+    cfg: Config
+
+    def encoder_options(self) -> dict:
+        return {**super().encoder_options(), "use_t5": self.cfg.use_t5,
+                "max_sequence_length": self.cfg.max_sequence_length, "clip_skip": self.cfg.clip_skip}
+
+
+class FluxPromptProcessor(_PooledPromptProcessor):
+    """FLUX.1 prompts → T5 ``prompt_embeds`` [T, 4096] and CLIP-L ``pooled_prompt_embeds`` [768] per prompt
+    (``FluxPipeline.encode_prompt``), with the SD3 processor's cache and subprocess encoding."""
+
+    family = "flux"
+
+    @dataclass
+    class Config(PromptProcessor.Config):
+        pretrained_model_name_or_path: str = "black-forest-labs/FLUX.1-schnell"
+        max_sequence_length: Optional[int] = None  # T5 tokens; None: 512 for [dev], 256 for [schnell] (as diffusers)
+        encode_dtype: str = "auto"  # text encoders' dtype: auto = bf16 on CUDA, fp32 on CPU
+        local_files_only: Optional[bool] = None
+
+    cfg: Config
+
+    def encoder_options(self) -> dict:
+        return {**super().encoder_options(), "max_sequence_length": self.cfg.max_sequence_length}
+
+
 class InstaFlowPromptProcessor(_RFDSCacheMixin, StableDiffusionPromptProcessor):
     """InstaFlow / SD1.5 CLIP prompts, as threestudio's ``stable-diffusion-prompt-processor``
     (same tensors) but runnable without CUDA and encoded by :mod:`threestudio_rfds.text.clip`."""
@@ -257,5 +281,6 @@ class InstaFlowPromptProcessor(_RFDSCacheMixin, StableDiffusionPromptProcessor):
 
 PROMPT_PROCESSORS = {
     "rfds-sd3-prompt-processor": SD3PromptProcessor,
+    "rfds-flux-prompt-processor": FluxPromptProcessor,
     "rfds-instaflow-prompt-processor": InstaFlowPromptProcessor,
 }

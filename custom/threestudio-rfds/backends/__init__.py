@@ -1,4 +1,4 @@
-"""Diffusers backends (docs/backends.md): ``load_backend("sd3" | "instaflow", **kwargs)``.
+"""Diffusers backends (docs/backends.md): ``load_backend("sd3" | "flux" | "instaflow", **kwargs)``.
 
 Imports are lazy so that ``import threestudio_rfds.backends`` does not import diffusers models.
 """
@@ -8,6 +8,7 @@ from importlib import import_module
 
 BACKENDS = {
     "sd3": ("threestudio_rfds.backends.sd3", "SD3Backend"),
+    "flux": ("threestudio_rfds.backends.flux", "FluxBackend"),
     "instaflow": ("threestudio_rfds.backends.instaflow", "InstaFlowBackend"),
 }
 
@@ -21,7 +22,7 @@ def backend_class(name: str):
 
 
 def load_backend(name: str, **kwargs):
-    """Build the backend ``name`` ("sd3" or "instaflow"); kwargs go to its constructor."""
+    """Build the backend ``name`` ("sd3", "flux" or "instaflow"); kwargs go to its constructor."""
     return backend_class(name)(**kwargs)
 
 

@@ -61,10 +61,11 @@ def hub_kwargs(revision: Optional[str] = None, local_files_only: Optional[bool] 
     return kw
 
 
-def load_component(cls, path: str, subfolder: Optional[str], **kwargs: Any):
+def load_component(cls, path: str, subfolder: Optional[str], *, config_only: bool = False, **kwargs: Any):
     """``cls.from_pretrained(path, subfolder=...)`` after :func:`.hub.resolve_source` (missing
     folder, offline without the cache, unreachable hub: errors in seconds), with an error that
-    names the model, the subfolder and how to get the weights."""
+    names the model, the subfolder and how to get the weights.  ``config_only``: ``cls.load_config``
+    instead (the component's config dict, no weights)."""
     where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     try:
         local_only = resolve_source(path, kwargs.get("local_files_only"))
@@ -73,7 +74,7 @@ def load_component(cls, path: str, subfolder: Optional[str], **kwargs: Any):
     if local_only:
         kwargs["local_files_only"] = True
     try:
-        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+        return (cls.load_config if config_only else cls.from_pretrained)(path, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         if os.path.isdir(path):
             hint = f"the local folder exists but lacks a loadable {cls.__name__} in {subfolder or '.'}"
@@ -89,8 +90,9 @@ def load_component(cls, path: str, subfolder: Optional[str], **kwargs: Any):
 def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Inference-only weights in ``dtype`` on ``device`` (cast before the move, so the device never
     holds a wider copy).  The cast also covers diffusers loading without ``accelerate``, which can
-    leave weights in float32 whatever ``torch_dtype`` asked."""
-    if any(p.dtype != dtype for p in module.parameters()):
+    leave weights in float32 whatever ``torch_dtype`` asked.  A quantised module (diffusers refuses
+    to cast it) keeps the dtypes it was loaded with."""
+    if not getattr(module, "is_quantized", False) and any(p.dtype != dtype for p in module.parameters()):
         module.to(dtype=dtype)
     module.to(device).eval().requires_grad_(False)
     return module

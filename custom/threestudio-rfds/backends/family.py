@@ -27,6 +27,7 @@ FAMILIES: Dict[str, Family] = {
     # InstaFlow is an SD1.5 UNet (its fine-tunes and SD1.5 itself are the merge's sources)
     "instaflow": Family("InstaFlow / SD1.5", ("StableDiffusionPipeline", "RectifiedFlowPipeline"),
                         ("unet", "UNet2DConditionModel")),
+    "flux": Family("FLUX.1", ("FluxPipeline",), ("transformer", "FluxTransformer2DModel")),
     # families without a backend here, named so that their folders are recognised
     "sdxl": Family("SDXL", ("StableDiffusionXLPipeline",)),
 }

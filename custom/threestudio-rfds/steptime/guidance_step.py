@@ -1,11 +1,13 @@
 """Time one guidance step: VAE encode of a render (with grad) → RFDS or RFDS-Rev with CFG → backward
-to the render, through the real :class:`SD3Backend` / :class:`InstaFlowBackend`.
+to the render, through the real :class:`SD3Backend` / :class:`FluxBackend` / :class:`InstaFlowBackend`.
 
-Models are SD3-medium-sized and SD1.5(InstaFlow)-sized with random weights built on the device
-(no download; speed and memory do not depend on the weights).  Prompt embeddings are random with
-the real shapes: SD3 [1, 77+256, 4096] + [1, 2048], InstaFlow [1, 77, 768].  One JSON line per case:
+Models are SD3-medium-, FLUX.1-dev- (11.9 B) and SD1.5(InstaFlow)-sized with random weights built on
+the device (no download; speed and memory do not depend on the weights).  Prompt embeddings are random
+with the real shapes: SD3 [1, 77+256, 4096] + [1, 2048], FLUX [1, 512, 4096] + [1, 768] (distilled+cfg:
+g = 3.5 and a negative pass), InstaFlow [1, 77, 768].  One JSON line per case on stdout:
 {"case", "algorithm", "model", "median_ms", "min_ms", "peak_mem_gib", "dtype", "device_name",
-"resolution", "steps", "warmup_s", ...}.  ``--tiny`` runs tiny configs on the CPU in seconds (for tests).
+"resolution", "steps", "warmup_s", ...}, and a summary table on stderr.  Full-size cases need a CUDA
+GPU; ``--tiny`` runs tiny configs on the CPU in seconds (for tests).
 Levers under measurement (:mod:`.levers`): ``--cuda-graphs``, ``--fp8``, ``--compile-vae``;
 ``--warmup-resolutions`` times the compile warm-up of each resolution milestone; ``--profile``
 appends a per-kernel table per case to a file.
@@ -16,12 +18,14 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ..backends.base import maybe_compile, resolve_dtype
+from ..protocol import for_latents
 from ..rfds import rfds, rfds_rev
 from .levers import GraphedDenoiser, compile_static, fp8_quantize, profile_steps, relative_error, velocity_probe
 
@@ -32,6 +36,10 @@ SD3_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), laye
                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
                use_quant_conv=False, use_post_quant_conv=False)
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)  # SD3's VAE architecture, FLUX.1's constants
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -43,11 +51,15 @@ TINY = {
     "sd3": (dict(SD3_MEDIUM, sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                  joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=32),
             dict(SD3_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)),
+    "flux": (dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+             dict(FLUX_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)),
     "instaflow": (dict(SD15_UNET, block_out_channels=(32, 32, 64, 64), layers_per_block=1, cross_attention_dim=32,
                        norm_num_groups=16),
                   dict(SD15_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)),
 }
-MODEL_NAMES = {"sd3": "sd3-medium", "instaflow": "instaflow-sd1.5"}
+MODEL_NAMES = {"sd3": "sd3-medium", "flux": "flux-dev", "instaflow": "instaflow-sd1.5"}
+FULL_CONFIGS = {"sd3": (SD3_MEDIUM, SD3_VAE), "flux": (FLUX_DEV, FLUX_VAE)}
 ALGORITHMS = {"rfds": rfds, "rfds-rev": rfds_rev}
 CASES = [f"{m}-{a}" for m in MODEL_NAMES for a in ALGORITHMS]
 
@@ -65,14 +77,15 @@ def _random(cls, config: dict, device: torch.device, dtype: torch.dtype) -> torc
 
 
 def build(model: str, device: torch.device, dtype: torch.dtype, resolution: int, tiny: bool, **options):
-    """(backend, cond, uncond) for ``model`` ∈ {"sd3", "instaflow"} with random weights and prompts;
+    """(backend, cond, uncond) for ``model`` ∈ {"sd3", "flux", "instaflow"} with random weights and prompts;
     ``options`` go to the backend (compile, vae_channels_last, vae_checkpointing)."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
+    from ..backends.flux import FluxBackend
     from ..backends.instaflow import InstaFlowBackend
     from ..backends.sd3 import SD3Backend
 
-    net_cfg, vae_cfg = TINY[model] if tiny else (SD3_MEDIUM, SD3_VAE) if model == "sd3" else (SD15_UNET, SD15_VAE)
+    net_cfg, vae_cfg = TINY[model] if tiny else FULL_CONFIGS.get(model, (SD15_UNET, SD15_VAE))
     vae = _random(AutoencoderKL, vae_cfg, device, dtype)
 
     def randn(*shape):
@@ -83,6 +96,12 @@ def build(model: str, device: torch.device, dtype: torch.dtype, resolution: int,
         backend = SD3Backend.from_modules(net, vae, shift=3.0, latent_rule="native", model_id=MODEL_NAMES[model],
                                           **options)
         conds = [{"prompt_embeds": randn(1, 77 + 256, net_cfg["joint_attention_dim"]),
+                  "pooled_prompt_embeds": randn(1, net_cfg["pooled_projection_dim"])} for _ in range(2)]
+    elif model == "flux":
+        net = _random(FluxTransformer2DModel, net_cfg, device, dtype)
+        backend = FluxBackend.from_modules(net, vae, guidance_mode="distilled+cfg", distilled_guidance=3.5,
+                                           latent_rule="native", model_id=MODEL_NAMES[model], **options)
+        conds = [{"prompt_embeds": randn(1, 512, net_cfg["joint_attention_dim"]),
                   "pooled_prompt_embeds": randn(1, net_cfg["pooled_projection_dim"])} for _ in range(2)]
     else:
         net = _random(UNet2DConditionModel, net_cfg, device, dtype)
@@ -153,7 +172,7 @@ def guidance_step(backend, algorithm: str, rgb: torch.Tensor, cond, uncond, guid
     rgb.grad = None
     z = backend.encode(rgb)
     mark()
-    out = ALGORITHMS[algorithm](backend, z, cond, uncond, guidance_scale, cfg_batched=cfg_batched)
+    out = ALGORITHMS[algorithm](for_latents(backend, z), z, cond, uncond, guidance_scale, cfg_batched=cfg_batched)
     mark()
     out.loss.backward()
     mark()
@@ -279,7 +298,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--warmup-resolutions must be comma-separated integers, got {args.warmup_resolutions!r}")
     args.cases = cases
     args.resolution = args.resolution or (64 if args.tiny else 512)
+    if not args.tiny and torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu":
+        p.error("full-size cases build SD3-medium (2B), FLUX.1-dev (12B) and SD1.5-sized models, minutes and tens of "
+                "GB on a CPU: pass --tiny for the CPU (tiny models, seconds), or run on a CUDA GPU")
     return args
+
+
+SUMMARY_COLUMNS = (("case", "case", "{}"), ("model", "model", "{}"), ("median ms", "median_ms", "{:.1f}"),
+                   ("min ms", "min_ms", "{:.1f}"), ("encode", "encode_ms", "{:.1f}"), ("flow", "flow_ms", "{:.1f}"),
+                   ("backward", "backward_ms", "{:.1f}"), ("peak GiB", "peak_mem_gib", "{:.2f}"))
+
+
+def summary_table(records: List[Dict]) -> str:
+    """The records as an aligned text table (milliseconds per step and per phase, peak memory)."""
+    rows = [[title for title, _, _ in SUMMARY_COLUMNS]]
+    for r in records:
+        rows.append(["-" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in SUMMARY_COLUMNS])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> List[Dict]:
@@ -290,6 +327,10 @@ def run(args: argparse.Namespace) -> List[Dict]:
     for model in MODEL_NAMES:
         algorithms = [a for a in ALGORITHMS if f"{model}-{a}" in args.cases]
         if not algorithms:
+            continue
+        if model == "flux" and dtype == torch.float16:  # the backend refuses it: FLUX.1 overflows in fp16
+            print(json.dumps({"model": MODEL_NAMES[model], "label": args.label,
+                              "skipped": "FLUX.1 overflows in fp16; run its cases with --dtype bf16"}), flush=True)
             continue
         torch.manual_seed(0)
         backend, cond, uncond = build(model, device, dtype, args.resolution, args.tiny,
@@ -311,7 +352,9 @@ def run(args: argparse.Namespace) -> List[Dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    run(parse_args(argv))
+    records = run(parse_args(argv))
+    if records:  # JSON lines stay on stdout; the human summary goes to stderr
+        print(summary_table(records), file=sys.stderr, flush=True)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Prompt embeddings for every model family, optionally cached on disk (text/cache.py).
 
     encode_prompts("sd3", path, prompts)       → {"prompt_embeds", "pooled_prompt_embeds"}
+    encode_prompts("flux", path, prompts)      → {"prompt_embeds" (T5), "pooled_prompt_embeds" (CLIP-L)}
     encode_prompts("instaflow", path, prompts) → {"encoder_hidden_states"}
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..backends.base import resolve_device, resolve_dtype
 from ..backends.family import check_family
 from ..checks import check_choice, check_finite, check_prompts
 
-FAMILIES = ("sd3", "instaflow")
+FAMILIES = ("sd3", "flux", "instaflow")
 NOT_IN_KEY = ("device", "dtype", "local_files_only")  # do not change the embeddings' values
 
 
@@ -26,6 +27,10 @@ def _encoder(model_family: str) -> Callable[..., Dict[str, Tensor]]:
         from .sd3 import encode_sd3_prompts
 
         return encode_sd3_prompts
+    if model_family == "flux":
+        from .flux import encode_flux_prompts
+
+        return encode_flux_prompts
     from .clip import encode_clip_prompts
 
     return encode_clip_prompts
@@ -52,10 +57,10 @@ def encode_prompts(
     dtype: Union[str, torch.dtype, None] = "auto",
     **options,
 ) -> Dict[str, Tensor]:
-    """Embeddings [N, ...] of N prompts for ``model_family`` ("sd3" or "instaflow").
+    """Embeddings [N, ...] of N prompts for ``model_family`` ("sd3", "flux" or "instaflow").
 
     ``options`` go to the family's encoder (sd3: max_sequence_length, use_t5, clip_skip,
-    local_files_only, revision).  With ``cache_dir`` each prompt's embedding is stored under a
+    local_files_only, revision; flux: max_sequence_length, local_files_only, revision).  With ``cache_dir`` each prompt's embedding is stored under a
     hash of (family, model, prompt, options, dtype) and reused by later runs.
     """
 

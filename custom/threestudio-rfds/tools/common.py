@@ -21,13 +21,15 @@ import torch
 
 from ..atomic import OutputExistsError, StagedDir
 
-FAMILIES = ("sd3", "instaflow")
+FAMILIES = ("sd3", "flux", "instaflow")
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def default_model(family: str) -> str:
     if family == "sd3":
         from ..backends.sd3 import DEFAULT_MODEL
+    elif family == "flux":
+        from ..backends.flux import DEFAULT_MODEL
     else:
         from ..backends.instaflow import DEFAULT_MODEL
     return DEFAULT_MODEL
@@ -84,10 +86,16 @@ def library_progress(enabled: bool) -> Iterator[None]:
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("model")
-    g.add_argument("--model", default="sd3", help="model family: sd3 (SD3 / SD3.5) or instaflow")
+    g.add_argument("--model", default="sd3", help="model family: sd3 (SD3 / SD3.5), flux (FLUX.1) or instaflow")
     g.add_argument("--pretrained", default=None,
-                   help="hub id or local diffusers folder (default: SD3-medium / InstaFlow 2-rectified flow); "
-                        "SD3.5: --model sd3 --pretrained stabilityai/stable-diffusion-3.5-medium")
+                   help="hub id or local diffusers folder (default: SD3-medium / FLUX.1-schnell / InstaFlow 2-rectified "
+                        "flow); SD3.5: --model sd3 --pretrained stabilityai/stable-diffusion-3.5-medium; FLUX.1 [dev]: "
+                        "--model flux --pretrained black-forest-labs/FLUX.1-dev")
+    g.add_argument("--guidance-mode", default=None,
+                   help="--model flux: distilled ([dev]'s guidance embedding g, no negative pass: every CFG scale is 1), "
+                        "cfg (true CFG; the default) or distilled+cfg (docs/math.md §2.4)")
+    g.add_argument("--distilled-guidance", type=float, default=None,
+                   help="--model flux, distilled modes: g fed to [dev]'s guidance embedding (default 3.5)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, …")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), fp32, fp16, bf16")
     g.add_argument("--seed", type=int, default=0)
@@ -100,6 +108,14 @@ def check_model_args(args: argparse.Namespace) -> None:
 
     if args.model not in FAMILIES:
         raise ValueError(f"--model must be one of {list(FAMILIES)} (SD3/SD3.5 are 'sd3'), got {args.model!r}")
+    if args.model != "flux" and (args.guidance_mode is not None or args.distilled_guidance is not None):
+        raise ValueError(f"--guidance-mode and --distilled-guidance are FLUX options (--model flux), got --model {args.model}")
+    if args.model == "flux":
+        from ..backends.flux_convention import GUIDANCE_MODES
+        from ..checks import check_choice
+
+        args.guidance_mode = args.guidance_mode or "cfg"
+        check_choice("--guidance-mode", args.guidance_mode, GUIDANCE_MODES)
     if args.dtype not in ("auto", *DTYPES):
         raise ValueError(f"--dtype must be one of {['auto', *DTYPES]}, got {args.dtype!r}")
     try:
@@ -228,7 +244,15 @@ def load_model(args: argparse.Namespace, time_convention: str = "model"):
                           "latent_rule": "native"}
     if args.local_files_only:
         kw["local_files_only"] = True
+    if args.model == "flux":
+        kw.update(guidance_mode=args.guidance_mode, distilled_guidance=args.distilled_guidance)
     return load_backend(args.model, pretrained_model_name_or_path=args.pretrained, **kw)
+
+
+def cfg_scale(backend, guidance_scale: float) -> float:
+    """The CFG scale for the backend's guidance mode (FLUX's "distilled" takes no negative pass: 1)."""
+    fit = getattr(backend, "cfg_scale", None)
+    return guidance_scale if fit is None else fit(guidance_scale)
 
 
 def encode_pair(args: argparse.Namespace, backend, prompt: str, negative: str = "") -> Tuple[dict, dict]:

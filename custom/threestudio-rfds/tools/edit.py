@@ -27,11 +27,14 @@ import torch
 
 from ..atomic import write_json
 from ..checks import NonFiniteError
+from ..protocol import for_latents
 from . import common, images
 
 FAMILY_DEFAULTS = {
     "sd3": {"init": "latent", "lr": 2e-3, "min_step_percent": 0.02, "max_step_percent": 0.98,
             "t_start": 1.0, "sample_steps": 15, "sample_guidance": 2.0},
+    "flux": {"init": "latent", "lr": 2e-3, "min_step_percent": 0.02, "max_step_percent": 0.98,  # SD3's; untuned
+             "t_start": 1.0, "sample_steps": 28, "sample_guidance": 1.0},
     "instaflow": {"init": "randn", "lr": 3e-3, "min_step_percent": 0.1, "max_step_percent": 0.8,
                   "t_start": 0.9, "sample_steps": 20, "sample_guidance": 1.5},
 }
@@ -198,6 +201,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     with torch.no_grad():
         x0 = backend.encode(images.to_tensor(arr, backend.device)).float()
         vae_only = images.to_numpy(backend.decode(x0))[0]
+    backend = for_latents(backend, x0)  # FLUX.1 [dev]: the time shift of this latent size
+    args = argparse.Namespace(**{**vars(args), **{  # the CFG scales applied (FLUX "distilled": no negative pass)
+        k: common.cfg_scale(backend, getattr(args, k)) for k in ("inversion_guidance", "sample_guidance",
+                                                                  "edit_rfds_guidance")}})
     t1 = time.time()
     inv = invert(backend, x0, src_c, src_u, args, gen)
     t2 = time.time()

@@ -30,6 +30,7 @@ from . import common, images
 
 DEFAULTS = {  # the reference 2D scripts' settings per model family
     "sd3": {"lr": 3e-2, "guidance_scale": 50.0},
+    "flux": {"lr": 3e-2, "guidance_scale": 50.0},  # SD3's (the paper has no FLUX script; untuned)
     "instaflow": {"lr": 3e-3, "guidance_scale": 50.0},
 }
 
@@ -117,6 +118,7 @@ def optimise(backend, cond, uncond, args, log=None) -> Dict[str, object]:
     early with the steps completed so far; the last frame is the state then."""
     from tqdm.auto import tqdm
 
+    from ..protocol import for_latents
     from ..rfds import rfds, rfds_rev
 
     gen = common.seed_everything(args.seed)
@@ -129,6 +131,7 @@ def optimise(backend, cond, uncond, args, log=None) -> Dict[str, object]:
     if args.algorithm == "rfds-rev":
         kw["n_inner"] = args.n_inner
     fn = rfds_rev if args.algorithm == "rfds-rev" else rfds
+    scale = common.cfg_scale(backend, args.guidance_scale)
     bar = tqdm(range(1, args.steps + 1), desc=f"{args.algorithm} ({args.space})", disable=args.no_progress,
                dynamic_ncols=True)
     status, error, done = "complete", None, 0
@@ -143,7 +146,7 @@ def optimise(backend, cond, uncond, args, log=None) -> Dict[str, object]:
                 else:
                     x = params[torch.randint(0, args.particles, (args.batch_size,), generator=gen).to(params.device)]
                 z = x if args.space == "latent" else backend.encode(x)
-                out = fn(backend, z, cond, uncond, args.guidance_scale, **kw)
+                out = fn(for_latents(backend, z), z, cond, uncond, scale, **kw)  # FLUX [dev]: z's shift
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 opt.step()
