@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
 
 LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING")
-WAIT_POLL_S = 5.0
+WAIT_POLL_S = 2.0
 
 
 def _task_slot(gpus: int) -> Slot:
