@@ -75,9 +75,10 @@ def test_report_tables_and_plots(results, tiny_clip):
     assert "## Failed runs" in md
     assert md.count("| exit code 1: RuntimeError: fake launch failed for FAIL: a broken run |") == 2  # the cause, not just the code
     assert "4 runs done, 2 failed" in md
-    for name in ("score_per_prompt.png", "score_vs_time.png"):
+    for name in ("score_per_prompt.png", "score_vs_time.png", "gpu_timeline.png"):
         with Image.open(os.path.join(results, "plots", name)) as im:
-            assert im.size[0] > 100
+            ink = np.nonzero((np.asarray(im.convert("L")) < 250).any(axis=0))[0]  # columns with something drawn
+            assert im.size[0] > 100 and im.size[0] - 1 - ink.max() < 0.05 * im.size[0], (name, im.size, ink.max())
 
 
 def test_report_before_scoring(tmp_path):

@@ -168,7 +168,8 @@ def _short(p: str, n: int = 40) -> str:
 
 
 def _save(fig, path: str) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    """PNG at 120 dpi, cropped to what is drawn (no blank margin whatever the labels' lengths)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight", pad_inches=0.1))
 
 
 def plots(data: Dict[str, object], plot_dir: str) -> List[str]:
@@ -208,7 +209,7 @@ def plots(data: Dict[str, object], plot_dir: str) -> List[str]:
         timed = [r for r in done if r["wall_time_s"] is not None]
         in_seconds = bool(timed) and max(r["wall_time_s"] for r in timed) < 120
         scale, unit = (1.0, "s") if in_seconds else (60.0, "min")
-        fig, (ax, key) = plt.subplots(1, 2, figsize=(10, 4.8), gridspec_kw={"width_ratios": [3, 1.6]})
+        fig, ax = plt.subplots(figsize=(7, 4.8))
         markers = "osD^vP*X"
         for i, c in enumerate(configs):
             rs = [r for r in timed if r["config"] == c]
@@ -222,11 +223,11 @@ def plots(data: Dict[str, object], plot_dir: str) -> List[str]:
         ax.set_ylabel("CLIP score")
         ax.set_title(f"{suite['name']}: score vs time (labels: prompt #)")
         ax.legend(fontsize=8, title="config", title_fontsize=8)
-        key.axis("off")
         shown = [p for p in suite["prompts"] if any(r["prompt"] == p for r in timed)]
-        key.text(0, 1, "\n".join(f"{number[p]:>2}. {_short(p, 44)}" for p in shown[:30])
-                 + ("\n…" if len(shown) > 30 else ""), va="top", ha="left", family="monospace", fontsize=7,
-                 transform=key.transAxes)
+        # the key of prompt numbers beside the axes; the saved image is cropped to what is drawn (_save)
+        ax.text(1.02, 1, "\n".join(f"{number[p]:>2}. {_short(p, 44)}" for p in shown[:30])
+                + ("\n…" if len(shown) > 30 else ""), va="top", ha="left", family="monospace", fontsize=7,
+                transform=ax.transAxes)
         fig.tight_layout()
         out.append(os.path.join(plot_dir, "score_vs_time.png"))
         _save(fig, out[-1])
