@@ -32,7 +32,9 @@ def _no_cluster() -> str:
         return f"sinfo did not answer: {e}"
     if p.returncode != 0 or not any(s.startswith("up|") and s.split("|")[1].rstrip("*") in ("idle", "mix", "alloc")
                                     for s in p.stdout.split()):
-        return f"no usable SLURM node (sinfo: {(p.stdout + p.stderr).strip()[:200] or p.returncode})"
+        said = (p.stdout + p.stderr).strip().splitlines()
+        return f"no usable SLURM node (sinfo: {said[0][:160] if said else p.returncode}); start one with " \
+               "eval \"$(.ci/slurm.sh start)\""
     return ""
 
 

@@ -14,6 +14,7 @@ import subprocess
 from typing import Any, Dict, List, Mapping, Optional
 
 from .errors import SuiteError
+from .logs import error_line
 from .paths import RunPaths
 from .suite import Run, Suite
 
@@ -90,6 +91,4 @@ def preflight(python: str, threestudio: str, env: Optional[Mapping[str, str]] = 
         return f"{python} did not start: {e.strerror}"
     if p.returncode == 0:
         return None
-    from .logs import error_line
-
     return error_line(p.stderr) or f"exit code {p.returncode}"

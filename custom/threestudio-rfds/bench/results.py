@@ -31,6 +31,9 @@ SUITE_FIX = ("restore it, or delete it and run `rfds-bench run` again with the s
              "(checked against the trial folders' records, then written anew)")
 
 
+_SAID: set = set()
+
+
 def _warn(msg: str) -> None:
     print(f"rfds-bench: warning: {msg}", file=sys.stderr)
 
@@ -127,11 +130,11 @@ class Results:
         self.out_dir = out_dir
         self.warn = warn
         self.ledger = Ledger(os.path.join(out_dir, LEDGER), warn)
-        self._said: set = set()
 
     def _say(self, key: str, msg: str) -> None:
-        if key not in self._said:
-            self._said.add(key)
+        """``msg`` once per process and results folder (a command reads the state several times)."""
+        if (self.out_dir, key) not in _SAID:
+            _SAID.add((self.out_dir, key))
             self.warn(msg)
 
     # -- reading ------------------------------------------------------------------------------------
@@ -202,8 +205,7 @@ class Results:
                                 f"trial folders hold, and cannot be updated ({e.strerror}); using the folders' records")
             return
         if add:
-            what = ("lacked the newest record of " + f"{len(add)} run(s)") if existed else (
-                "was missing or empty")
+            what = f"lacked the newest record of {len(add)} run(s)" if existed else "was missing or empty"
             self.warn(f"{self.ledger.path} {what}: rebuilt it from {len(add)} trial folder(s)' records "
                       f"(e.g. {add[0]['run_id']}: {add[0]['status']}); `rfds-bench status {self.out_dir} --rebuild` "
                       "rewrites the whole ledger")

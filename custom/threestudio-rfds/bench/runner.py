@@ -50,7 +50,7 @@ def check_revision(results: Results, suite: Suite, spec: RunSpec, extra: List[st
     suite (one line naming the change) unless ``new_revision``: then the old record is kept as
     ``suite.r<N>.json`` and this one becomes revision N + 1.  Call under the ledger's lock."""
     out = results.out_dir
-    shas = {label: file_sha(path) for label, path in spec.configs.items()}
+    shas = {d["config"]: d["config_sha"] for d in spec.definitions.values()}
     path = os.path.join(out, SUITE)
     old = read_suite_file(out, required=False)
     if old is not None:
