@@ -281,3 +281,21 @@ def test_report_counts_in_words(fake, tmp_path):
         md = f.read()
     assert "1 prompt × 1 config × seeds [0]; 1 run done" in md
 
+
+
+def test_runner_killed_between_the_folder_and_the_ledger_write(fake, tmp_path, capsys):
+    """The record reaches the trial folder first: a ledger whose last record of a run is still ``started``
+    (the runner died before appending ``done``) is completed from the folder, with a warning."""
+    ts, out = fake
+    suite = write_suite(str(tmp_path / "s.yaml"), ["a cat", "a dog"])
+    assert _run(ts, out, suite) == 0
+    ledger = os.path.join(out, "ledger.jsonl")
+    with open(ledger) as f:
+        lines = f.readlines()
+    with open(ledger, "w") as f:
+        f.writelines(ln for ln in lines if json.loads(ln)["status"] == "started" or "a_dog" not in ln)
+    capsys.readouterr()
+    assert bench_main(["status", out]) == 0
+    res = capsys.readouterr()
+    assert "2 done (of 2)" in res.out and "lacked the newest record of 1 run(s)" in res.err
+    assert _run(ts, out, suite) == 0 and len(calls(ts)) == 2
