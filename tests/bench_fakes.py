@@ -90,8 +90,12 @@ FAKE_LAUNCH = textwrap.dedent(
 
 
 def make_fake_threestudio(root: str) -> str:
-    """A folder with the fake launch.py and a plugin config at custom/threestudio-rfds/configs/fake.yaml."""
+    """A folder with the fake launch.py, a plugin config at custom/threestudio-rfds/configs/fake.yaml and an
+    importable (empty) ``threestudio`` package, which rfds-bench's preflight imports as launch.py would."""
     os.makedirs(os.path.join(root, "custom", "threestudio-rfds", "configs"), exist_ok=True)
+    os.makedirs(os.path.join(root, "threestudio"), exist_ok=True)
+    with open(os.path.join(root, "threestudio", "__init__.py"), "w") as f:
+        f.write('"""The fake checkout\'s package: importable, as a real one is where training can run."""\n')
     with open(os.path.join(root, "launch.py"), "w") as f:
         f.write(FAKE_LAUNCH)
     cfg = {"name": "fake", "tag": "", "seed": 0, "use_timestamp": True, "exp_root_dir": "outputs",

@@ -11,7 +11,9 @@ import pytest
 from bench_fakes import calls, make_fake_threestudio, write_suite
 from threestudio_rfds.bench.cli import main as bench_main
 from threestudio_rfds.bench.ledger import Ledger
-from threestudio_rfds.bench.runner import find_test_renders, run_suite, yaml_quote
+from threestudio_rfds.bench.command import MEMWRAP, yaml_quote
+from threestudio_rfds.bench.paths import find_test_renders
+from threestudio_rfds.bench.runner import run_suite
 from threestudio_rfds.bench.suite import SuiteError, load_suite
 
 TRICKY = "a cat: cute, [draft] 'quoted' #1"
@@ -170,8 +172,6 @@ def test_ledger_survives_a_torn_line(tmp_path):
 
 
 def test_memwrap_reports_exit_code_and_memory(tmp_path):
-    from threestudio_rfds.bench.runner import MEMWRAP
-
     script = tmp_path / "launch.py"
     script.write_text("import sys, helper\nsys.exit(int(sys.argv[1]))\n")
     (tmp_path / "helper.py").write_text("")  # importable only if the launch's folder is on sys.path
@@ -180,3 +180,30 @@ def test_memwrap_reports_exit_code_and_memory(tmp_path):
     assert p.returncode == 7
     s = json.loads(stats.read_text())
     assert s["exit_code"] == 7 and s["max_rss_bytes"] > 1e6 and s["cuda_max_memory_allocated"] is None
+
+
+def test_progress_reads_only_threestudio_training_bar(tmp_path):
+    """A real launch log (rfds-sd3-low-memory, 2 steps, CPU shim of tests/cpu_launch, tests/data/): before
+    training it holds transformers' "Loading weights ... 53/53" bars, after it Lightning's test bar; only
+    threestudio's "Epoch 0: ... k/2" training bar is progress."""
+    from threestudio_rfds.bench.logs import progress
+
+    real = os.path.join(os.path.dirname(__file__), "data", "threestudio_launch_cpu.log")
+    with open(real, encoding="utf-8") as f:
+        text = f.read()
+    cut = str(tmp_path / "cut.log")
+
+    def upto(marker: str, nth: int = 1):
+        i = -1
+        for _ in range(nth):
+            i = text.index(marker, i + 1)
+        end = min(j for j in (text.find("\r", i), text.find("\n", i), len(text)) if j >= 0)
+        with open(cut, "w", encoding="utf-8") as f:
+            f.write(text[:end])
+        return progress(cut)
+
+    assert "Loading weights: 100%|██████████| 53/53 [" in text  # the bar the old parser took for training
+    assert upto("Loading weights: 100%", 2) is None  # loading the models: not started training
+    assert upto("Epoch 0:  50%") == (1, 2)
+    assert upto("Testing DataLoader 0:  50%") == (2, 2)  # training is done: the test bar is not training
+    assert progress(real) == (2, 2)

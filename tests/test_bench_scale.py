@@ -3,6 +3,7 @@ resumed, two runners sharing a results folder, the ledger under concurrent write
 timeouts and one-line errors.  threestudio's launch.py is the test double of bench_fakes.py; with
 $FAKE_STEP_S it sleeps per step and prints a progress bar, and records every launch's pid and the
 pids of any live earlier launch of the same run ("live_twins", which must stay empty)."""
+import json
 import multiprocessing
 import os
 import signal
@@ -100,6 +101,12 @@ def test_runner_killed_during_fanout_then_resumed(fake, tmp_path, sig):
         assert statuses[-1] == "done"
         assert all(not (a == b == "started") for a, b in zip(statuses, statuses[1:]))  # never two owners at once
         assert statuses.count("started") == (2 if rid in cut else 1)
+    state = Ledger(os.path.join(out, "ledger.jsonl")).state()
+    for rid in cut:  # the rerun went to a new attempt folder; the cut attempt's folder is kept with its record
+        assert state[rid]["attempt"] == 2 and state[rid]["trial_dir"].endswith("-a2")
+        first = os.path.join(out, state[rid]["trial_dir"][:-len("-a2")], "rfds-bench.json")
+        with open(first) as f:
+            assert json.load(f)["status"] == "interrupted"
 
 
 def test_second_signal_skips_the_grace_period(fake, tmp_path):
@@ -213,6 +220,7 @@ def test_rerun_lists_earlier_failures_and_exits_1(fake, tmp_path, capsys):
     (["score", "R", "--max-views", "0"], "--max-views: must be a view count >= 1, got '0'"),
     (["score", "R", "--batch-size", "x"], "--batch-size: must be a batch size >= 1, got 'x'"),
     (["run", "S", "--threestudio", "T", "--sbatch", "qos"], "must be KEY=VALUE"),
+    (["run", "S", "--threestudio", "T", "--gpus", "0,0"], "--gpus: must be 'all' or distinct non-negative GPU indices"),
 ])
 def test_usage_errors_exit_2(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
@@ -224,8 +232,6 @@ def test_usage_errors_exit_2(argv, match, capsys):
 def test_bad_values_are_one_line_errors(fake, tmp_path, capsys, monkeypatch):
     ts, out = fake
     suite = write_suite(str(tmp_path / "s.yaml"), ["x"])
-    assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--gpus", "0,0"]) == 2
-    assert "--gpus must be 'all' or distinct comma-separated GPU ids" in capsys.readouterr().err
     assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--gpus", "0", "--executor", "slurm"]) == 2
     assert "--gpus 0 is for --executor local" in capsys.readouterr().err
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

@@ -75,9 +75,10 @@ def test_report_tables_and_plots(results, tiny_clip):
     assert "## Failed runs" in md
     assert md.count("| exit code 1: RuntimeError: fake launch failed for FAIL: a broken run |") == 2  # the cause, not just the code
     assert "4 runs done, 2 failed" in md
-    for name in ("score_per_prompt.png", "score_vs_time.png"):
+    for name in ("score_per_prompt.png", "score_vs_time.png", "gpu_timeline.png"):
         with Image.open(os.path.join(results, "plots", name)) as im:
-            assert im.size[0] > 100
+            ink = np.nonzero((np.asarray(im.convert("L")) < 250).any(axis=0))[0]  # columns with something drawn
+            assert im.size[0] > 100 and im.size[0] - 1 - ink.max() < 0.05 * im.size[0], (name, im.size, ink.max())
 
 
 def test_report_before_scoring(tmp_path):
@@ -159,3 +160,25 @@ def test_report_names_points_and_gpus(results, tiny_clip):
     md = open(os.path.join(results, "report.md")).read()
     assert "| 1 | a hamburger | fake | 2 |" in md and "## GPU utilisation" in md and "| gpu0 | 6 | 4 |" in md
     assert os.path.exists(os.path.join(results, "plots", "gpu_timeline.png"))
+
+
+def test_prompts_the_tokenizer_merges_are_one_class(tmp_path, tiny_clip, capsys):
+    """Prompts that differ only past CLIP's 77 tokens have one text embedding: R-precision cannot tell them
+    apart, so they are scored as one class (a tie used to count as a miss for the second), with a line saying so."""
+    long = "a photo of " + "a very " * 20 + "detailed "
+    prompts = [long + "cat", long + "dog", "a red panda"]
+    ts = make_fake_threestudio(str(tmp_path / "ts"))
+    out = str(tmp_path / "out")
+    run_suite(load_suite(write_suite(str(tmp_path / "s.yaml"), prompts)), ts, out, log=lambda s: None)
+    capsys.readouterr()
+    assert bench_main(["score", out, "--clip-model", tiny_clip, "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "tokenise identically" in text and "one class" in text, text
+    with open(os.path.join(out, "scores.json")) as f:
+        s = json.load(f)
+    assert s["prompt_classes"] == [0, 0, 2] and s["r_precision_informative"]
+    second = [r for r in s["runs"].values() if r["prompt"] == prompts[1]][0]
+    assert any(v["top1"] == 0 for v in second["views"]) and second["r_precision"] > 0  # a tie goes to prompt 0: a hit
+    for r in s["runs"].values():
+        same = {0, 1} if r["prompt"] in prompts[:2] else {2}
+        assert all(v["r_precision"] == float(v["top1"] in same) for v in r["views"]), r

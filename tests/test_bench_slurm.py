@@ -81,7 +81,11 @@ def test_sbatch_script_for_a_cluster(fake, tmp_path, monkeypatch, capsys):
     sbatch = bindir / "sbatch"
     sbatch.write_text(f'#!/bin/sh\ncp "$1" {copy}\necho "Submitted batch job 4242"\n')
     (bindir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only checks that srun exists
-    for exe in (sbatch, bindir / "srun"):
+    # no cluster behind these stand-ins: squeue prints what the test puts in squeue.txt
+    queue = tmp_path / "squeue.txt"
+    queue.write_text("4242_0|PENDING\n4242_1|PENDING\n4242_2|PENDING\n")
+    (bindir / "squeue").write_text(f"#!/bin/sh\ncat {queue}\n")
+    for exe in (sbatch, bindir / "srun", bindir / "squeue"):
         exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     suite = write_suite(str(tmp_path / "s.yaml"), ["a", "b", "c"],
@@ -102,16 +106,40 @@ def test_sbatch_script_for_a_cluster(fake, tmp_path, monkeypatch, capsys):
     assert "3 queued (of 3)" in capsys.readouterr().out
     assert calls(ts) == []  # nothing ran here
 
-    # sacct: task 0 still pending, task 1 running (not yet in the ledger), task 2 died before starting
+    # task 0 still pending, task 1 running (not yet in the ledger), task 2 died before starting: SLURM no
+    # longer holds it, and its accounting (sacct) says how it ended
+    queue.write_text("4242_0|PENDING\n4242_1|RUNNING\n")
     sacct = bindir / "sacct"
-    sacct.write_text("#!/bin/sh\ncat <<'EOF'\nJobID|State\n4242_[0%2]|PENDING\n4242_1|RUNNING\n4242_2|FAILED\nEOF\n")
+    sacct.write_text("#!/bin/sh\ncat <<'EOF'\nJobID|State\n4242_[0%2]|PENDING\n4242_1|PENDING\n4242_2|FAILED\nEOF\n")
     sacct.chmod(sacct.stat().st_mode | stat.S_IEXEC)
     assert bench_main(["status", out]) == 0
     text = capsys.readouterr().out
-    assert "SLURM: PENDING" in text and "SLURM: RUNNING" in text and "SLURM: FAILED" in text
+    assert "2 queued, 1 not started (of 3)" in text  # the task that failed before its run started is not queued
+    assert "SLURM: PENDING (4242_0)" in text and "SLURM: RUNNING (4242_1)" in text and "SLURM: FAILED (4242_2)" in text
     assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--executor", "slurm"]) == 0
     assert "1 runs submitted, 2 already queued" in capsys.readouterr().out  # only the task that died
     assert len(submitted(out)) == 2 and submitted(out)[1]["runs"] == [job["runs"][2]]
+
+
+@pytest.mark.parametrize("message", [
+    "sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: Invalid partition name specified",
+    "sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\nsbatch: fatal: Could not establish a configuration source",
+])
+def test_refused_submission_is_one_line_and_leaves_no_pickles(fake, tmp_path, monkeypatch, capsys, message):
+    ts, out = fake
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text(f"#!/bin/sh\ncat >&2 <<'EOF'\n{message}\nEOF\nexit 1\n")
+    (bindir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for exe in ("sbatch", "srun"):
+        (bindir / exe).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    suite = write_suite(str(tmp_path / "s.yaml"), ["a", "b"])
+    assert bench_main(["run", suite, "--threestudio", ts, "--out", out, "--executor", "slurm", "--partition", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rfds-bench: error: --executor slurm: the submission failed: {message.splitlines()[-1]}\n"
+    left = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(out, "slurm")) for f in fs]
+    assert left == [] and submitted(out) == []
 
 
 def test_no_slurm_here_is_a_one_line_error(fake, tmp_path, monkeypatch, capsys):

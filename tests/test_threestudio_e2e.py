@@ -144,6 +144,13 @@ def test_rfds_bench_runs_scores_and_reports_real_launches(tmp_path, root, models
         return p.stdout
 
     bench("run", str(suite), "--threestudio", launch_dir, "--out", out)
+    from threestudio_rfds.bench.ledger import Ledger
+    from threestudio_rfds.bench.logs import progress
+
+    for rec in Ledger(os.path.join(out, "ledger.jsonl")).state().values():  # these real logs also hold
+        assert progress(os.path.join(out, rec["log"])) == (2, 2)  # transformers' "Loading weights" bars
+        with open(os.path.join(out, rec["trial_dir"], "rfds-bench.json")) as f:
+            assert json.load(f)["status"] == "done"  # the trial folder's own record
     bench("score", out, "--clip-model", tiny_clip_path, "--device", "cpu")
     with open(os.path.join(out, "scores.json")) as f:
         runs = json.load(f)["runs"]
@@ -155,6 +162,28 @@ def test_rfds_bench_runs_scores_and_reports_real_launches(tmp_path, root, models
     with open(os.path.join(out, "report.md")) as f:
         report = f.read()
     assert all(p in report for p in prompts)
+
+
+def test_rfds_bench_refuses_a_machine_that_cannot_launch(tmp_path, root):
+    """Without the CPU shim, threestudio's own ``import tinycudann`` fails on this machine: rfds-bench says so
+    in one line before any run starts (issue: 20 launches each failed after ~22 s)."""
+    import subprocess
+    import sys
+
+    launch_dir = make_launch_dir(root, str(tmp_path / "threestudio"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no tests/cpu_launch shim
+    probe = subprocess.run([sys.executable, "-c", "import tinycudann"], env=env, capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("tinycudann imports here, so launches can start: nothing to refuse")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: e2e\nconfigs: [custom/threestudio-rfds/configs/rfds-sd3.yaml]\nprompts: [a, b]\n")
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, "-m", "threestudio_rfds.bench.cli", "run", str(suite), "--threestudio",
+                        launch_dir, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stdout + p.stderr
+    assert "No module named 'tinycudann'" in p.stderr and "no run was started" in p.stderr, p.stderr
+    assert not (out / "logs").exists() and not (out / "runs").exists()
 
 
 def test_the_no_text_encoder_guard_is_real(tiny_sd3_path):

@@ -30,6 +30,11 @@ def test_sd3_latent_rfds_rev_particles(tmp_path, tiny_sd3_path):
               "curves.png", "history.json"]:
         assert os.path.exists(os.path.join(out, f)), f
     assert Image.open(os.path.join(out, "final_0.png")).size == (32, 32)
+    grid = np.asarray(Image.open(os.path.join(out, "final_grid.png")).convert("L"))
+    h, w = grid.shape  # 3 particles, 2×2, each enlarged to 128 px, under a white band with the label
+    assert w >= 2 * 128 and h > w, grid.shape
+    band = grid[: h - w]
+    assert band.mean() > 200 and (band < 100).any()  # a white band with dark text in it
     with Image.open(os.path.join(out, "progress.gif")) as gif:
         assert gif.n_frames == 3
     with open(os.path.join(out, "history.json")) as f:

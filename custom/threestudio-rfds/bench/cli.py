@@ -2,7 +2,7 @@
 
     rfds-bench run default --threestudio ~/threestudio --out bench-out [--gpus 0,1,2,3 | all]
     rfds-bench run default --threestudio ~/threestudio --out /shared/bench --executor slurm --partition gpu
-    rfds-bench status bench-out
+    rfds-bench status bench-out [--rebuild]
     rfds-bench score bench-out --clip-model openai/clip-vit-base-patch32
     rfds-bench report bench-out
     rfds-bench validate configs/*.yaml
@@ -14,7 +14,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from .suite import SuiteError, load_suite
+from .errors import BenchError, SuiteError
+from .suite import load_suite
 
 
 def _number(kind: type, what: str, low: float, strict: bool):
@@ -26,6 +27,20 @@ def _number(kind: type, what: str, low: float, strict: bool):
         if v is None or v != v or v == float("inf") or (v <= low if strict else v < low):
             raise argparse.ArgumentTypeError(f"must be {what} {'>' if strict else '>='} {low:g}, got {text!r}")
         return v
+
+    return parse
+
+
+def _gpus(what: str, allow_all: bool):
+    def parse(text: str) -> str:
+        from .executors import gpu_ids
+
+        if not (allow_all and text.strip() == "all"):
+            try:
+                gpu_ids(text, what)
+            except SuiteError as e:
+                raise argparse.ArgumentTypeError(str(e).replace(f"{what} must", "must", 1)) from None
+        return text
 
     return parse
 
@@ -53,11 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="results folder (default bench-out/<suite name>)")
     r.add_argument("--python", default=None, help="Python of the threestudio environment (default: this one)")
     g = r.add_mutually_exclusive_group()
-    g.add_argument("--gpu", default="0", help="passed to launch.py --gpu (one run at a time)")
-    g.add_argument("--gpus", default=None, help="'all' or ids such as 0,1,2,3: one run per GPU at a time")
+    g.add_argument("--gpu", default="0", type=_gpus("--gpu", False), help="passed to launch.py --gpu (one run at a time)")
+    g.add_argument("--gpus", default=None, type=_gpus("--gpus", True),
+                   help="'all' or ids such as 0,1,2,3: one run per GPU at a time")
     r.add_argument("--executor", default="local", choices=["local", "slurm"], help="where runs go (default local)")
     r.add_argument("--dry-run", action="store_true", help="print the launch commands, run nothing")
     r.add_argument("--retry-failed", action="store_true", help="also rerun runs recorded as failed")
+    r.add_argument("--new-revision", action="store_true",
+                   help="run a suite that changed since its runs in --out (unchanged runs are kept, changed ones rerun)")
+    r.add_argument("--skip-preflight", action="store_true",
+                   help="launch even if `import threestudio` fails in --python (tests, launchers that do not need it)")
     r.add_argument("--timeout", type=_number(float, "seconds", 0, True), default=None,
                    help="seconds per run before it is stopped and marked failed")
     r.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -84,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="queued / running / done / failed runs of a results folder")
     st.add_argument("results")
+    st.add_argument("--rebuild", action="store_true", help="rewrite ledger.jsonl from the trial folders' records")
     sc = sub.add_parser("score", help="CLIP score and R-precision of the test renders")
     sc.add_argument("results")
     sc.add_argument("--clip-model", default=None, help="hub id or local folder (default openai/clip-vit-base-patch32)")
@@ -111,18 +132,17 @@ def _slurm_options(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .ledger import Ledger
+    from .results import Results
     from .runner import run_suite
-    from .suite import _check_overrides
 
     suite = load_suite(args.suite)
-    extra = _check_overrides("--override", args.override)
     out = args.out or f"bench-out/{suite.name}"
     options = _slurm_options(args) if args.executor == "slurm" else None
     counts = run_suite(suite, args.threestudio, out, python=args.python, gpu=args.gpu, gpus=args.gpus,
                        dry_run=args.dry_run, retry_failed=args.retry_failed, timeout=args.timeout,
-                       extra_overrides=extra, executor=args.executor, executor_options=options,
+                       extra_overrides=args.override, executor=args.executor, executor_options=options,
                        progress_every=args.progress_every, stale_after=args.stale_after,
+                       new_revision=args.new_revision, skip_preflight=args.skip_preflight,
                        log=lambda s: print(s, flush=True))
     if args.dry_run:
         return 0
@@ -131,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{counts['skipped']} already done, {counts['failed_earlier']} failed earlier, "
               f"{counts['running_elsewhere']} running elsewhere (of {counts['planned']}); results in {out}")
         return 0
-    state = Ledger(os.path.join(out, "ledger.jsonl")).state()
+    state = Results(out).states()
     ids = [r.run_id for r in suite.runs()]
     failed = [(rid, state[rid]) for rid in ids if state.get(rid, {}).get("status") == "failed"]
     unfinished = [rid for rid in ids if state.get(rid, {}).get("status") not in ("done", "failed")]
@@ -151,9 +171,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .score import DEFAULT_CLIP, ClipScorer, check_results, score_results
+    from .results import Results, read_suite_file
+    from .score import DEFAULT_CLIP, ClipScorer, score_results
 
-    check_results(args.results)  # before loading CLIP
+    read_suite_file(args.results)  # a results folder whose records can be read, before loading CLIP
+    Results(args.results).states()
     try:
         scorer = ClipScorer(args.clip_model or DEFAULT_CLIP, device=args.device, batch_size=args.batch_size)
     except OSError as e:
@@ -161,6 +183,10 @@ def _score(args: argparse.Namespace) -> int:
         return 2
     res = score_results(args.results, scorer, panel=args.panel, max_views=args.max_views)
     print(f"scored {len(res['runs'])} runs → {os.path.join(args.results, 'scores.json')}")
+    if not res["runs"]:
+        print(f"rfds-bench: no finished run to score in {args.results} (see `rfds-bench status {args.results}`)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -174,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.cmd == "status":
             from .status import print_status
 
-            return print_status(args.results)
+            return print_status(args.results, rebuild=args.rebuild)
         if args.cmd == "score":
             return _score(args)
         if args.cmd == "report":
@@ -190,7 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{path}: ok ({s.name}: {len(s.prompts)} prompts, {len(s.configs)} configs, seeds {s.seeds}, "
                       f"{len(s.runs())} runs)")
             return 0
-    except (SuiteError, FileNotFoundError) as e:
+    except (BenchError, FileNotFoundError) as e:
         print(f"rfds-bench: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:

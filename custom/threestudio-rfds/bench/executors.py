@@ -1,11 +1,11 @@
-"""Executors: where the runs of a suite go.  ``local`` runs them here, one per GPU slot;
-``slurm`` submits them as a submitit job array (bench/slurm.py).
+"""Executors: where the runs of a suite go.  ``local`` (here) runs them on this machine, one per GPU
+slot; ``slurm`` (bench/slurm.py) submits them as a submitit job array.
 
 An executor implements :class:`Executor`: ``run(spec, runs, log)`` launches (or submits) ``runs``
 and returns counts.  Whatever the executor, each run ends up in :func:`scheduler.execute` on some
 machine, which claims it in the shared ledger, so executors never need to coordinate with each
 other.  To add one (e.g. Ray), write a class whose tasks call ``execute([run], spec, [slot])`` and
-register it in :data:`EXECUTORS`.
+register it in ``bench.runner.EXECUTORS``.
 """
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import shutil
 import subprocess
 from typing import Callable, Dict, List, Protocol
 
+from .errors import SuiteError
 from .scheduler import RunSpec, Slot, execute
-from .suite import Run, SuiteError
+from .suite import Run
 
-_GPU_ID = re.compile(r"^[A-Za-z0-9-]+$")
+_GPU_ID = re.compile(r"^(?:\d+|(?:GPU|MIG)-[A-Za-z0-9-]+)$")  # what CUDA_VISIBLE_DEVICES takes
+GPU_IDS = "distinct non-negative GPU indices (or GPU-/MIG- UUIDs) separated by commas, such as 0,1,3"
 
 
 class Executor(Protocol):
@@ -43,14 +45,26 @@ def detect_gpus() -> List[str]:
     return []
 
 
+def gpu_ids(value: str, what: str = "--gpus") -> List[str]:
+    """``0,1,3`` → ["0", "1", "3"]; a negative, empty, malformed or repeated id is a SuiteError."""
+    ids = [g.strip() for g in value.split(",")]
+    keys = [str(int(g)) if g.isdigit() else g for g in ids]
+    if not all(_GPU_ID.match(g) for g in ids) or len(set(keys)) != len(keys):
+        allowed = ("'all' or " if what == "--gpus" else "") + GPU_IDS
+        raise SuiteError(f"{what} must be {allowed}; got {value!r}")
+    return ids
+
+
 def parse_gpus(value: str) -> List[Slot]:
     """``--gpus 0,1,3`` or ``all`` → one slot per GPU, each child seeing only its GPU as device 0."""
-    ids = detect_gpus() if value.strip() == "all" else [g.strip() for g in value.split(",")]
-    if value.strip() == "all" and not ids:
-        raise SuiteError("--gpus all found no GPU (CUDA_VISIBLE_DEVICES is unset and nvidia-smi lists none); "
-                         "pass --gpus 0,1,... explicitly")
-    if not ids or not all(_GPU_ID.match(g) for g in ids) or len(set(ids)) != len(ids):
-        raise SuiteError(f"--gpus must be 'all' or distinct comma-separated GPU ids such as 0,1,3, got {value!r}")
+    if value.strip() != "all":
+        ids = gpu_ids(value)
+    else:
+        ids = detect_gpus()
+        if not ids:
+            raise SuiteError("--gpus all found no GPU (CUDA_VISIBLE_DEVICES is unset and nvidia-smi lists none); "
+                             "pass --gpus 0,1,... explicitly")
+        ids = gpu_ids(",".join(ids), "the GPUs of --gpus all (CUDA_VISIBLE_DEVICES or nvidia-smi)")
     return [Slot(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": g}, "0") for g in ids]
 
 
@@ -65,12 +79,3 @@ class LocalExecutor:
     def run(self, spec: RunSpec, runs: List[Run], log: Callable[[str], None]) -> Dict[str, int]:
         return execute(runs, spec, self.slots, log=log, handle_signals=self.handle_signals,
                        progress_every=self.progress_every)
-
-
-def _slurm(**options) -> Executor:
-    from .slurm import SubmititExecutor, SlurmOptions
-
-    return SubmititExecutor(SlurmOptions(**options))
-
-
-EXECUTORS: Dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "slurm": _slurm}

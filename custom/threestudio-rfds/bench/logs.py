@@ -8,8 +8,10 @@ from typing import Optional, Tuple
 LOG_TAIL_LINES = 40
 _ERROR = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)|Killed|Segmentation fault|"
                     r"CUDA out of memory|torch\.OutOfMemoryError|AssertionError|.*\bError:)\b.*")
-# tqdm / Lightning progress bars: "Epoch 0:  45%|████ | 450/1000 [00:10<00:12, ...]"
-_PROGRESS = re.compile(r"(\d+)/(\d+)\s*\[")
+# threestudio's training bar (Lightning's): "Epoch 0:  45%|████ | 450/1000 [00:10<00:12, ...]"; the log also
+# holds transformers' "Loading weights: 100%| 53/53 [...]" and Lightning's validation/test bars, which are not
+# training progress
+_PROGRESS = re.compile(r"(?:^|[\r\n])Epoch \d+:[^\r\n]*?\|[^\r\n]*?\s(\d+)/(\d+) \[")
 
 
 def read_tail(path: str, nbytes: int = 64 * 1024) -> str:
@@ -37,8 +39,8 @@ def error_line(text: str) -> Optional[str]:
 
 
 def progress(path: str) -> Optional[Tuple[int, int]]:
-    """(step, total) from the last progress bar in the log, if any."""
+    """(step, total) of the last state of threestudio's training bar in the log, if it has started."""
     m = None
-    for m in _PROGRESS.finditer(read_tail(path, 8 * 1024)):
+    for m in _PROGRESS.finditer(read_tail(path, 64 * 1024)):
         pass
     return (int(m.group(1)), int(m.group(2))) if m else None

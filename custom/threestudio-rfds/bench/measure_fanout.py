@@ -34,6 +34,8 @@ open(os.path.join(save, "0.png"), "wb").write(png)
 
 def _fake_threestudio(root: str) -> str:
     os.makedirs(os.path.join(root, "configs"), exist_ok=True)
+    os.makedirs(os.path.join(root, "threestudio"), exist_ok=True)
+    open(os.path.join(root, "threestudio", "__init__.py"), "w").close()  # for the preflight's import
     with open(os.path.join(root, "launch.py"), "w") as f:
         f.write(FAKE_LAUNCH)
     with open(os.path.join(root, "configs", "sleep.yaml"), "w") as f:

@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..atomic import atomic_write
-from .ledger import FINAL, Ledger
-from .paths import check_results, local_path
+from .ledger import FINAL
+from .paths import local_path
+from .results import Results, read_suite_file
 
 GIB = 1024**3
 STATUS_COLOURS = {"done": "tab:green", "failed": "tab:red", "interrupted": "tab:gray"}
@@ -44,23 +45,29 @@ def fmt_minutes(seconds: Optional[float]) -> str:
     return f"{m:.2g}" if m >= 0.001 else "<0.001"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "/").replace("\n", " ")
 
 
 def collect(out_dir: str) -> Dict[str, object]:
-    """Join the ledger's runs with their scores (if scored); also every attempt's GPU time."""
-    with open(check_results(out_dir), encoding="utf-8") as f:
-        suite = json.load(f)
+    """Join the runs' records with their scores (if scored); also every attempt's GPU time."""
+    suite = read_suite_file(out_dir)
     scores_file = os.path.join(out_dir, "scores.json")
     scores = {}
     if os.path.exists(scores_file):
         with open(scores_file, encoding="utf-8") as f:
             scores = json.load(f)
-    ledger = Ledger(os.path.join(out_dir, "ledger.jsonl"))
+    results = Results(out_dir)
     index = {p: i + 1 for i, p in enumerate(suite["prompts"])}
+    digests = suite.get("digests", {})
     rows = []
-    for rid, rec in sorted(ledger.state().items()):
+    for rid, rec in sorted(results.states().items()):
+        if rec.get("digest") and digests.get(rid) and rec["digest"] != digests[rid]:
+            continue  # a run of an earlier revision of the suite
         s = scores.get("runs", {}).get(rid, {})
         mem = rec.get("peak_mem_allocated_bytes")
         rows.append({"run_id": rid, "status": rec["status"], "config": rec.get("config"), "prompt": rec.get("prompt"),
@@ -72,7 +79,7 @@ def collect(out_dir: str) -> Dict[str, object]:
     attempts = [{"run_id": r["run_id"], "status": r["status"], "gpu": r.get("gpu") or "?",
                  "session": r.get("session") or "?", "start": r["start_time"], "end": r["end_time"],
                  "prompt_no": index.get(r.get("prompt"))}
-                for r in ledger.records()
+                for r in results.ledger.records()
                 if r["status"] in FINAL and isinstance(r.get("start_time"), (int, float))
                 and isinstance(r.get("end_time"), (int, float))]
     return {"suite": suite, "scores": scores, "rows": rows, "attempts": attempts}
@@ -108,15 +115,16 @@ def markdown(data: Dict[str, object]) -> str:
     lines = [f"# Benchmark report: {suite['name']}", ""]
     if suite.get("description"):
         lines += [suite["description"].strip(), ""]
-    lines += [f"{len(suite['prompts'])} prompts × {len(configs)} configs × seeds {suite['seeds']}; "
-              f"{len(done)} runs done, {sum(r['status'] == 'failed' for r in rows)} failed, "
-              f"{sum(r['status'] in ('started', 'interrupted') for r in rows)} unfinished.", ""]
+    unfinished = sum(r["status"] in ("started", "interrupted", "missing") for r in rows)
+    lines += [f"{_count(len(suite['prompts']), 'prompt')} × {_count(len(configs), 'config')} × seeds {suite['seeds']}; "
+              f"{_count(len(done), 'run')} done, {sum(r['status'] == 'failed' for r in rows)} failed, "
+              f"{unfinished} unfinished.", ""]
     if scores:
         lines += [f"CLIP model `{scores['clip_model']}`, panel `{scores['panel']}`; CLIP score = 100·max(cos, 0), "
                   "R-precision = top-1 retrieval of the run's prompt among the suite's prompts, both averaged "
                   "over test views, then over seeds."
                   + ("" if scores.get("r_precision_informative", True) else
-                     " **R-precision is 1 by construction: the suite has one prompt.**"), ""]
+                     " **R-precision is 1 by construction: the suite's prompts are one class for the scorer.**"), ""]
     else:
         lines += ["Not scored yet (run `rfds-bench score`).", ""]
     lines += ["## Per config", "", "| config | runs done | CLIP score | R-precision | wall time (min) | peak GPU mem (GiB) |",
@@ -160,7 +168,8 @@ def _short(p: str, n: int = 40) -> str:
 
 
 def _save(fig, path: str) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    """PNG at 120 dpi, cropped to what is drawn (no blank margin whatever the labels' lengths)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight", pad_inches=0.1))
 
 
 def plots(data: Dict[str, object], plot_dir: str) -> List[str]:
@@ -200,7 +209,7 @@ def plots(data: Dict[str, object], plot_dir: str) -> List[str]:
         timed = [r for r in done if r["wall_time_s"] is not None]
         in_seconds = bool(timed) and max(r["wall_time_s"] for r in timed) < 120
         scale, unit = (1.0, "s") if in_seconds else (60.0, "min")
-        fig, (ax, key) = plt.subplots(1, 2, figsize=(10, 4.8), gridspec_kw={"width_ratios": [3, 1.6]})
+        fig, ax = plt.subplots(figsize=(7, 4.8))
         markers = "osD^vP*X"
         for i, c in enumerate(configs):
             rs = [r for r in timed if r["config"] == c]
@@ -214,11 +223,11 @@ def plots(data: Dict[str, object], plot_dir: str) -> List[str]:
         ax.set_ylabel("CLIP score")
         ax.set_title(f"{suite['name']}: score vs time (labels: prompt #)")
         ax.legend(fontsize=8, title="config", title_fontsize=8)
-        key.axis("off")
         shown = [p for p in suite["prompts"] if any(r["prompt"] == p for r in timed)]
-        key.text(0, 1, "\n".join(f"{number[p]:>2}. {_short(p, 44)}" for p in shown[:30])
-                 + ("\n…" if len(shown) > 30 else ""), va="top", ha="left", family="monospace", fontsize=7,
-                 transform=key.transAxes)
+        # the key of prompt numbers beside the axes; the saved image is cropped to what is drawn (_save)
+        ax.text(1.02, 1, "\n".join(f"{number[p]:>2}. {_short(p, 44)}" for p in shown[:30])
+                + ("\n…" if len(shown) > 30 else ""), va="top", ha="left", family="monospace", fontsize=7,
+                transform=ax.transAxes)
         fig.tight_layout()
         out.append(os.path.join(plot_dir, "score_vs_time.png"))
         _save(fig, out[-1])

@@ -1,137 +1,86 @@
-"""Run a suite through threestudio's ``launch.py``, one subprocess per (config, prompt, seed), on this
-machine's GPUs (bench/scheduler.py) or as a SLURM job array (bench/slurm.py).
+"""``rfds-bench run``: check everything, then hand the runs of a suite to an executor — this machine's GPUs
+(bench/executors.py, bench/scheduler.py) or a SLURM job array (bench/slurm.py).
 
-Layout of the results folder OUT (docs/tools.md)::
-
-    OUT/suite.json                         the suite that was run (+ digest)
-    OUT/ledger.jsonl                       resume-safe run ledger (bench/ledger.py)
-    OUT/runs/<label>/<tag>/                threestudio's trial dir: exp_root_dir=OUT/runs, name=<label>,
-                                           tag=<prompt-slug>-<hash6>-s<seed>, use_timestamp=false
-    OUT/runs/<label>/<tag>/save/it<N>-test/<view>.png    threestudio's test renders
-    OUT/logs/<label>/<tag>.log, .stats.json               child stdout+stderr, memwrap's peak memory
-
-Each launch is ``<python> memwrap.py <stats> launch.py --config C --train --gpu G
-system.prompt_processor.prompt='P' seed=S exp_root_dir=… name=… tag=… use_timestamp=false <overrides>``
-with cwd = the threestudio checkout.  Wall time is measured by the scheduler around the subprocess;
-paths in the ledger are relative to OUT.
+Before any run starts: the options and overrides are validated, every config file is resolved, the
+imports a launch does first are tried once in the launches' Python (bench.command.preflight), and the
+suite is compared with the revision the results folder's runs used (``suite.json``, or the trial
+folders' records when it is absent): a change is refused, naming it, unless ``new_revision``.
+The layout of the results folder is in bench/paths.py, the records in bench/results.py.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from ..atomic import write_json
-from .executors import EXECUTORS, Executor, LocalExecutor, parse_gpus
-from .ledger import Ledger
+from ..atomic import atomic_write, write_json
+from .command import build_command, digest, file_sha, preflight, resolve_config, run_definition
+from .errors import SuiteError
+from .executors import Executor, LocalExecutor, gpu_ids, parse_gpus
 from .owner import STALE_AFTER
+from .paths import SUITE, run_paths
+from .results import Results, definition_changes, read_suite_file, suite_changes, suite_record
 from .scheduler import RunSpec, Slot
-from .suite import Run, Suite, SuiteError, suite_digest
-
-MEMWRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memwrap.py")
-_TEST_DIR = re.compile(r"^it(\d+)-test$")
+from .suite import Suite, check_overrides
 
 
-def yaml_quote(value: str) -> str:
-    """A YAML single-quoted scalar, so OmegaConf's dotlist parser keeps the value a plain string
-    (a prompt such as ``a cat: cute`` or ``[draft] vase`` would otherwise parse as a mapping/list)."""
-    return "'" + value.replace("'", "''") + "'"
+def _slurm(**options: Any) -> Executor:
+    from .options import SlurmOptions
+    from .slurm import SubmititExecutor
+
+    return SubmititExecutor(SlurmOptions(**options))
 
 
-@dataclass
-class RunPaths:
-    tag: str
-    trial_dir: str
-    log: str
-    stats: str
+EXECUTORS: Dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "slurm": _slurm}
 
 
-def run_paths(out_dir: str, run: Run) -> RunPaths:
-    tag = f"{run.slug}-s{run.seed}"
-    return RunPaths(
-        tag=tag,
-        trial_dir=os.path.join(out_dir, "runs", run.config.label, tag),
-        log=os.path.join(out_dir, "logs", run.config.label, tag + ".log"),
-        stats=os.path.join(out_dir, "logs", run.config.label, tag + ".stats.json"),
-    )
+def make_spec(suite: Suite, out_dir: str, threestudio: str, python: str, extra_overrides: List[str],
+              **kw: Any) -> RunSpec:
+    """Resolve every config (a missing one stops the suite before any launch) and define every run."""
+    configs = {c.label: resolve_config(c.path, threestudio, suite) for c in suite.configs}
+    shas = {label: file_sha(path) for label, path in configs.items()}
+    defs = {r.run_id: run_definition(r, suite, shas[r.config.label], extra_overrides) for r in suite.runs()}
+    return RunSpec(suite, out_dir, threestudio, python, configs, defs, {k: digest(d) for k, d in defs.items()}, **kw)
 
 
-def resolve_config(path: str, threestudio: str, suite: Suite) -> str:
-    """An absolute config path: as given, else relative to the threestudio checkout, else to the
-    repository holding the suite file (its parent's parent), else to the current directory."""
-    if os.path.isabs(path):
-        candidates = [path]
+def check_revision(results: Results, suite: Suite, spec: RunSpec, extra: List[str], new_revision: bool) -> None:
+    """Write ``suite.json`` if the folder has none, keep it if the suite is unchanged, refuse a changed
+    suite (one line naming the change) unless ``new_revision``: then the old record is kept as
+    ``suite.r<N>.json`` and this one becomes revision N + 1.  Call under the ledger's lock."""
+    out = results.out_dir
+    shas = {d["config"]: d["config_sha"] for d in spec.definitions.values()}
+    path = os.path.join(out, SUITE)
+    old = read_suite_file(out, required=False)
+    if old is not None:
+        if old.get("name") != suite.name:
+            raise SuiteError(f"{out} holds results of suite {old.get('name')!r}, not {suite.name!r}; use another --out")
+        new = suite_record(suite, extra, shas, spec.digests, int(old.get("revision", 1)) + 1)
+        changes = suite_changes(old, new)
+        if not changes:
+            return
+        if not new_revision:
+            raise SuiteError(
+                f"{out}: suite {suite.name!r} differs from the revision its runs used: {'; '.join(changes)}; "
+                "pass --new-revision to run this revision here (finished runs whose definition is unchanged are "
+                "kept, the others rerun in new attempt folders), or use another --out")
+        atomic_write(os.path.join(out, f"suite.r{old.get('revision', 1)}.json"),
+                     lambda tmp: shutil.copyfile(path, tmp))
     else:
-        candidates = [os.path.join(threestudio, path)]
-        if suite.source:
-            candidates.append(os.path.join(os.path.dirname(os.path.dirname(suite.source)), path))
-        candidates.append(os.path.abspath(path))
-    for c in candidates:
-        if os.path.isfile(c):
-            return os.path.abspath(c)
-    raise SuiteError(f"config {path!r} not found; looked at {candidates}")
-
-
-def build_command(run: Run, suite: Suite, out_dir: str, threestudio: str, python: str, gpu: str = "0",
-                  extra_overrides: Optional[List[str]] = None) -> List[str]:
-    p = run_paths(out_dir, run)
-    config = resolve_config(run.config.path, threestudio, suite)
-    return [
-        python, MEMWRAP, p.stats, os.path.join(threestudio, "launch.py"),
-        "--config", config, "--train", "--gpu", gpu,
-        f"system.prompt_processor.prompt={yaml_quote(run.prompt)}",
-        f"seed={run.seed}",
-        f"exp_root_dir={yaml_quote(os.path.join(os.path.abspath(out_dir), 'runs'))}",
-        f"name={run.config.label}",
-        f"tag={p.tag}",
-        "use_timestamp=false",
-        *suite.overrides, *run.config.overrides, *(extra_overrides or []),
-    ]
-
-
-def find_test_renders(trial_dir: str) -> Dict[str, object]:
-    """The test renders of the last step: ``save/it<N>-test/*.png`` with the largest N, views sorted
-    by their numeric name (threestudio names them by the test batch index)."""
-    save = os.path.join(trial_dir, "save")
-    best = None
-    if os.path.isdir(save):
-        for d in os.listdir(save):
-            m = _TEST_DIR.match(d)
-            if m and os.path.isdir(os.path.join(save, d)) and (best is None or int(m.group(1)) > best[0]):
-                best = (int(m.group(1)), d)
-    if best is None:
-        return {"step": None, "renders_dir": None, "renders": []}
-    d = os.path.join(save, best[1])
-    pngs = [f for f in os.listdir(d) if f.lower().endswith(".png")]
-    pngs.sort(key=lambda f: (0, int(f[:-4])) if f[:-4].isdigit() else (1, f))
-    return {"step": best[0], "renders_dir": d, "renders": pngs}
-
-
-def read_stats(path: str) -> Dict[str, object]:
-    """memwrap's stats file, or {} if the child died before writing it."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def check_out_dir(out_dir: str, suite: Suite, allow_other_suite: bool = False) -> None:
-    """Refuse to mix two different suites in one results folder (resume needs the same suite)."""
-    path = os.path.join(out_dir, "suite.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    if old.get("name") != suite.name and not allow_other_suite:
-        raise SuiteError(
-            f"{out_dir} holds results of suite {old.get('name')!r}, not {suite.name!r}; use another --out"
-        )
+        conflicts = []
+        for rid, rec in sorted(results.states().items()):
+            if "definition" not in rec or rec.get("digest") == spec.digests.get(rid):
+                continue
+            conflicts.append(f"run {rid} is not in suite {suite.name!r}" if rid not in spec.digests else
+                             f"run {rid}: " + ", ".join(definition_changes(rec["definition"], spec.definitions[rid])))
+        if conflicts and not new_revision:
+            more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+            raise SuiteError(f"{out} has no {SUITE}, and its trial folders hold runs of another suite: "
+                             f"{conflicts[0]}{more}; run the suite they used (suite.json is then written anew), "
+                             "pass --new-revision, or use another --out")
+        new = suite_record(suite, extra, shas, spec.digests, 2 if conflicts else 1)
+    write_json(path, new, sort_keys=True)
 
 
 def run_suite(
@@ -152,6 +101,8 @@ def run_suite(
     progress_every: float = 60.0,
     grace: float = 10.0,
     stale_after: float = STALE_AFTER,
+    new_revision: bool = False,
+    skip_preflight: bool = False,
 ) -> Dict[str, int]:
     """Run (or, with ``executor="slurm"``, submit) every run of ``suite`` not yet done; returns counts
     {planned, done, failed, skipped (done earlier), failed_earlier, running_elsewhere[, submitted]}.
@@ -162,6 +113,7 @@ def run_suite(
         raise SuiteError(f"--executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
     if gpus and executor != "local":
         raise SuiteError(f"--gpus {gpus} is for --executor local; with --executor {executor} use --gpus-per-task")
+    extra = check_overrides("--override", list(extra_overrides or []))
     python = python or sys.executable
     threestudio = os.path.abspath(threestudio)
     out_dir = os.path.abspath(out_dir)  # the child runs in the threestudio checkout
@@ -170,33 +122,48 @@ def run_suite(
     if not os.path.isfile(os.path.join(threestudio, "launch.py")):
         raise SuiteError(f"--threestudio {threestudio!r} has no launch.py; pass the threestudio checkout")
     if executor == "local":
-        slots = parse_gpus(gpus) if gpus else [Slot(f"gpu{gpu}", {}, gpu)]
+        slots = parse_gpus(gpus) if gpus else [Slot(f"gpu{gpu}", {}, ",".join(gpu_ids(gpu, "--gpu")))]
         ex: Executor = LocalExecutor(slots, progress_every=progress_every)
     else:
         opts = {**suite.slurm, **(executor_options or {})}  # the command line wins over the suite
         opts["sbatch"] = {**suite.slurm.get("sbatch", {}), **(executor_options or {}).get("sbatch", {})}
         ex = EXECUTORS[executor](**opts)
         slots = [Slot("task", {}, "0")]
+    spec = make_spec(suite, out_dir, threestudio, python, extra, timeout=timeout, retry_failed=retry_failed,
+                     grace=grace, stale_after=stale_after)
     runs = suite.runs()
-    cmds = {r.run_id: build_command(r, suite, out_dir, threestudio, python, slots[0].launch_gpu, extra_overrides)
-            for r in runs}  # resolves every config now: a missing one stops the suite before any launch
     counts = {"planned": len(runs), "skipped": 0, "done": 0, "failed": 0, "failed_earlier": 0, "running_elsewhere": 0}
+    results = Results(out_dir)
 
     if dry_run:
-        state = Ledger(os.path.join(out_dir, "ledger.jsonl")).state()
-        skip_status = ("done", "failed") if not retry_failed else ("done",)
+        state = results.states() if os.path.isdir(out_dir) else {}
         if gpus:
             log(f"# one launch at a time per GPU, each with CUDA_VISIBLE_DEVICES set to one of: "
                 f"{', '.join(s.env['CUDA_VISIBLE_DEVICES'] for s in slots)}")
         for r in runs:
-            st = state.get(r.run_id, {}).get("status")
-            mark = f"[skip: {st}] " if st in skip_status else ""
-            log(f"{mark}{r.run_id}\n  cd {shlex.quote(threestudio)} && {shlex.join(cmds[r.run_id])}")
+            rec = state.get(r.run_id, {})
+            st = rec.get("status") if rec and spec.current(rec) else None
+            skip = st == "done" or (st == "failed" and not retry_failed)
+            p = run_paths(out_dir, r, int(rec.get("attempt", 0)) + 1 if rec else 1)
+            cmd = build_command(r, p, spec.configs[r.config.label], spec.definitions[r.run_id]["overrides"], out_dir,
+                                threestudio, python, slots[0].launch_gpu)
+            log(f"{f'[skip: {st}] ' if skip else ''}{r.run_id}\n  cd {shlex.quote(threestudio)} && {shlex.join(cmd)}")
         return counts
 
-    check_out_dir(out_dir, suite)
+    if os.path.isdir(out_dir):  # a corrupt ledger or suite.json stops here, before the preflight's wait
+        results.states()
+        read_suite_file(out_dir, required=False)
+    if not skip_preflight:
+        why = preflight(python, threestudio, dict(os.environ, **slots[0].env))
+        if why and executor == "local":
+            raise SuiteError(f"launch.py cannot start here: `import threestudio` (what launch.py does before it "
+                             f"loads extensions) fails in {python} with: {why}; no run was started "
+                             "(`rfds-link --check` says what this machine lacks; --skip-preflight launches anyway)")
+        if why:
+            results.warn(f"`import threestudio` fails on this host ({why}); submitting anyway, since the "
+                         "compute nodes may differ (a task whose launch fails records the error)")
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "suite.json"), {**suite.to_dict(), "digest": suite_digest(suite)}, sort_keys=True)
-    spec = RunSpec(suite, out_dir, threestudio, python, timeout, list(extra_overrides or []), retry_failed, grace,
-                   stale_after)
+    with results.ledger.transaction():
+        check_revision(results, suite, spec, extra, new_revision)
     return {**counts, **ex.run(spec, runs, log)}
+

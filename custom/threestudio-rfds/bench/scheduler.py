@@ -4,20 +4,23 @@
 slot per GPU, a SLURM array task runs it with one slot and one run.  It polls its children (no
 threads: a child's death signal is tied to the thread that forked it), records each outcome, stops
 runs past ``--timeout``, prints progress, and on SIGTERM/SIGINT stops every child and records it
-``interrupted``.  Paths in the ledger are relative to the results folder.
+``interrupted``.  Every attempt gets its own trial folder (bench/results.py), whose record is written
+before the ledger's; paths in records are relative to the results folder.
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import logs, procs
-from .ledger import Ledger
+from .command import build_command
 from .owner import STALE_AFTER, Heartbeat, Owner, me, owner_alive
+from .paths import RunPaths, find_test_renders, run_paths
+from .results import Results
 from .suite import Run, Suite
 
 POLL_S = 0.1
@@ -38,23 +41,31 @@ class Slot:
 
 @dataclass
 class RunSpec:
-    """What every executor needs to launch the runs of a suite."""
+    """What every executor needs to launch the runs of a suite: per run id its definition
+    (bench.command.run_definition) and digest, per config label the resolved config file."""
 
     suite: Suite
     out_dir: str
     threestudio: str
     python: str
+    configs: Dict[str, str]
+    definitions: Dict[str, Dict[str, Any]]
+    digests: Dict[str, str]
     timeout: Optional[float] = None
-    extra_overrides: List[str] = field(default_factory=list)
     retry_failed: bool = False
     grace: float = 10.0
     stale_after: float = STALE_AFTER
+
+    def current(self, rec: Dict[str, Any]) -> bool:
+        """Whether a record is of this revision's definition of its run (records without a digest are)."""
+        return rec.get("digest") in (None, self.digests.get(rec["run_id"]))
 
 
 @dataclass
 class _Active:
     run: Run
     slot: Slot
+    paths: RunPaths
     info: Dict[str, Any]
     proc: Any = None
     t0: float = 0.0
@@ -74,46 +85,71 @@ def fmt_duration(s: Optional[float]) -> str:
     return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
 
 
-def classify(ledger: Ledger, runs: List[Run], spec: RunSpec, probe: Heartbeat) -> Dict[str, List[Run]]:
+def classify(results: Results, runs: List[Run], spec: RunSpec, probe: Heartbeat) -> Dict[str, List[Run]]:
     """Split runs into ``todo``, ``done`` (earlier), ``failed`` (earlier, kept) and ``running`` (elsewhere)."""
-    state = ledger.state()
+    state = results.states()
     out: Dict[str, List[Run]] = {"todo": [], "done": [], "failed": [], "running": []}
     for r in runs:
         rec = state.get(r.run_id, {})
-        st = rec.get("status")
+        st = rec.get("status") if rec and spec.current(rec) else None
         if st == "done":
             out["done"].append(r)
         elif st == "failed" and not spec.retry_failed:
             out["failed"].append(r)
-        elif st == "started" and owner_alive(spec.out_dir, Owner.from_dict(rec.get("owner")), probe, spec.stale_after):
+        elif rec.get("status") == "started" and owner_alive(spec.out_dir, Owner.from_dict(rec.get("owner")), probe,
+                                                            spec.stale_after):
             out["running"].append(r)
         else:
             out["todo"].append(r)
     return out
 
 
-def claim(ledger: Ledger, run: Run, spec: RunSpec, probe: Heartbeat, info: Dict[str, Any]) -> Tuple[bool, str]:
-    """Atomically take ``run`` (append ``started``) unless it is done, kept failed, or alive elsewhere.
-    A ``started`` run whose owner is gone is first recorded ``interrupted``."""
-    with ledger.transaction():
-        last = ledger.state().get(run.run_id, {})
+def read_stats(path: str) -> Dict[str, object]:
+    """memwrap's stats file, or {} if the child died before writing it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _record(run: Run, spec: RunSpec, p: RunPaths, slot: Slot, owner: Owner) -> Dict[str, Any]:
+    """The ``started`` record of a new attempt."""
+    rel = lambda path: os.path.relpath(path, spec.out_dir)  # noqa: E731
+    definition = spec.definitions[run.run_id]
+    return {"run_id": run.run_id, "status": "started", "time": time.time(), "attempt": p.attempt,
+            "digest": spec.digests[run.run_id], "definition": definition,
+            "config": run.config.label, "config_path": run.config.path, "prompt": run.prompt,
+            "prompt_index": run.prompt_index, "seed": run.seed,
+            "trial_dir": rel(p.trial_dir), "log": rel(p.log), "gpu": slot.label, "host": owner.host,
+            "owner": owner.to_dict(), "session": owner.session, "start_time": time.time(),
+            "cmd": build_command(run, p, spec.configs[run.config.label], definition["overrides"], spec.out_dir,
+                                 spec.threestudio, spec.python, slot.launch_gpu)}
+
+
+def claim(results: Results, run: Run, spec: RunSpec, probe: Heartbeat,
+          slot: Slot) -> Tuple[Optional[Dict[str, Any]], str]:
+    """Atomically take ``run`` unless it is done, kept failed, or alive elsewhere: a new attempt folder and
+    its ``started`` record (returned, with why it runs).  A ``started`` run whose owner is gone is first
+    recorded ``interrupted``."""
+    with results.ledger.transaction():
+        last = results.states([run]).get(run.run_id, {})
         st = last.get("status")
-        if st == "done" or (st == "failed" and not spec.retry_failed):
-            return False, st
+        if last and spec.current(last) and (st == "done" or (st == "failed" and not spec.retry_failed)):
+            return None, st
         if st == "started":
             prev = Owner.from_dict(last.get("owner"))
             if owner_alive(spec.out_dir, prev, probe, spec.stale_after):
-                return False, "running"
-            ledger.append(run.run_id, "interrupted", reason=f"owner {prev.session if prev else '(unrecorded)'} is gone",
-                          **{k: info[k] for k in ("config", "prompt", "prompt_index", "seed")})
-        ledger.append(run.run_id, "started", **info)
-        return True, st or "new"
+                return None, "running"
+            results.close(last, "interrupted", reason=f"owner {prev.session if prev else '(unrecorded)'} is gone")
+        if last and not spec.current(last):
+            st = "revised"
+        p = results.new_attempt(run, after=int(last.get("attempt", 1)) if last else 0)
+        return results.write(_record(run, spec, p, slot, probe.owner)), st or "new"
 
 
-def _finish(a: _Active, rc: int, spec: RunSpec, ledger: Ledger) -> Dict[str, Any]:
-    from .runner import find_test_renders, run_paths, read_stats
-
-    p = run_paths(spec.out_dir, a.run)
+def _finish(a: _Active, rc: int, spec: RunSpec, results: Results) -> Dict[str, Any]:
+    p = a.paths
     wall = time.monotonic() - a.t0
     stats = read_stats(p.stats)
     renders = find_test_renders(p.trial_dir)
@@ -121,38 +157,31 @@ def _finish(a: _Active, rc: int, spec: RunSpec, ledger: Ledger) -> Dict[str, Any
         renders["renders_dir"] = os.path.relpath(renders["renders_dir"], spec.out_dir)
     tail = logs.log_tail(p.log)
     error = a.error
+    end = dict(returncode=rc, wall_time_s=wall, end_time=time.time())
     stopped = -rc in STOP_SIGNALS and error is None and "why" not in INTERRUPT_REASON
     if error is None and rc != 0 and (stopped or "why" in INTERRUPT_REASON):  # stopped from outside, not a failure
         why = INTERRUPT_REASON.get("why") or f"stopped by {procs.signal.Signals(-rc).name} from outside the runner"
-        return ledger.append(a.run.run_id, "interrupted", reason=why, returncode=rc, wall_time_s=wall,
-                             end_time=time.time(), log_tail=tail, **a.info)
+        return results.close(a.info, "interrupted", reason=why, log_tail=tail, **end)
     if error is None and rc != 0:
         why = logs.error_line(tail)
         error = f"exit code {rc}" if rc > 0 else f"killed by signal {-rc}"
         error += f": {why}" if why else ""
     if error is None and not renders["renders"]:
         error = f"no test renders under {os.path.relpath(p.trial_dir, spec.out_dir)}/save/it<N>-test/"
-    fields = dict(a.info, returncode=rc, wall_time_s=wall, end_time=time.time(),
-                  peak_mem_allocated_bytes=stats.get("cuda_max_memory_allocated"),
+    fields = dict(end, peak_mem_allocated_bytes=stats.get("cuda_max_memory_allocated"),
                   peak_mem_reserved_bytes=stats.get("cuda_max_memory_reserved"),
                   device_name=stats.get("device_name"), max_rss_bytes=stats.get("max_rss_bytes"),
                   n_renders=len(renders["renders"]), **renders)
     if error is not None:
-        return ledger.append(a.run.run_id, "failed", error=error, log_tail=tail, **fields)
-    return ledger.append(a.run.run_id, "done", **fields)
+        return results.close(a.info, "failed", error=error, log_tail=tail, **fields)
+    return results.close(a.info, "done", **fields)
 
 
 def _start(a: _Active, spec: RunSpec) -> None:
-    from .runner import run_paths
-
-    p = run_paths(spec.out_dir, a.run)
-    shutil.rmtree(p.trial_dir, ignore_errors=True)  # a previous, unfinished attempt's renders (inside OUT only)
-    if os.path.exists(p.stats):
-        os.remove(p.stats)
-    os.makedirs(os.path.dirname(p.log), exist_ok=True)
+    os.makedirs(os.path.dirname(a.paths.log), exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", **a.slot.env)
     a.t0, a.start_time = time.monotonic(), time.time()
-    a.proc = procs.spawn(a.info["cmd"], cwd=spec.threestudio, env=env, log_path=p.log)
+    a.proc = procs.spawn(a.info["cmd"], cwd=spec.threestudio, env=env, log_path=a.paths.log)
 
 
 class _Progress:
@@ -168,7 +197,7 @@ class _Progress:
         left = []
         for a in active:
             el = now - a.t0
-            pr = logs.progress(a.info["log_abs"])
+            pr = logs.progress(a.paths.log)
             expected = el / (pr[0] / pr[1]) if pr and pr[0] > 0 and pr[1] else mean
             if expected is None:
                 return None
@@ -188,14 +217,16 @@ class _Progress:
         self._last = time.monotonic()
         lines = [self.line(queued, active)]
         for a in active:
-            pr = logs.progress(a.info["log_abs"])
+            pr = logs.progress(a.paths.log)
             step = f"step {pr[0]}/{pr[1]}" if pr else "starting"
             lines.append(f"  {a.slot.label}: {a.run.run_id}: {step}, {fmt_duration(time.monotonic() - a.t0)}")
         self.log("\n".join(lines))
 
 
 _AGAIN = {"started": " (rerun: the runner of its earlier attempt is gone)",
-          "interrupted": " (rerun after an interruption)", "failed": " (retry of a failed run)"}
+          "interrupted": " (rerun after an interruption)", "failed": " (retry of a failed run)",
+          "missing": " (rerun: the trial folder of its finished attempt is gone)",
+          "revised": " (rerun: its settings changed in this revision of the suite)"}
 
 
 class _Loop:
@@ -204,10 +235,10 @@ class _Loop:
     def __init__(self, runs: List[Run], spec: RunSpec, slots: List[Slot], log: Callable[[str], None],
                  progress_every: float, owner: Owner):
         self.spec, self.log, self.owner = spec, log, owner
-        self.ledger = Ledger(os.path.join(spec.out_dir, "ledger.jsonl"))
+        self.results = Results(spec.out_dir)
         self.hb = Heartbeat(spec.out_dir, owner)
         self.hb.beat(force=True)
-        groups = classify(self.ledger, runs, spec, self.hb)
+        groups = classify(self.results, runs, spec, self.hb)
         self.counts = {"planned": len(runs), "done": 0, "failed": 0, "interrupted": 0,
                        "skipped": len(groups["done"]), "failed_earlier": len(groups["failed"]),
                        "running_elsewhere": len(groups["running"])}
@@ -217,31 +248,17 @@ class _Loop:
         self.pending: Optional[_Active] = None  # claimed, being spawned
         self.prog = _Progress(len(self.queue), len(slots), log, progress_every)
 
-    def _info(self, run: Run, slot: Slot) -> Dict[str, Any]:
-        from .runner import build_command, run_paths
-
-        p, o, spec = run_paths(self.spec.out_dir, run), self.owner, self.spec
-        return {"config": run.config.label, "config_path": run.config.path, "prompt": run.prompt,
-                "prompt_index": run.prompt_index, "seed": run.seed,
-                "trial_dir": os.path.relpath(p.trial_dir, spec.out_dir), "log": os.path.relpath(p.log, spec.out_dir),
-                "gpu": slot.label, "host": o.host, "owner": o.to_dict(), "session": o.session,
-                "start_time": time.time(),
-                "cmd": build_command(run, spec.suite, spec.out_dir, spec.threestudio, spec.python, slot.launch_gpu,
-                                     spec.extra_overrides)}
-
     def fill(self) -> None:
         """Start queued runs on free slots (each claimed first; one taken meanwhile is passed over)."""
         while self.free and self.queue:
             run, slot = self.queue.popleft(), self.free[0]
-            info = self._info(run, slot)
-            ok, why = claim(self.ledger, run, self.spec, self.hb, info)
-            if not ok:
+            rec, why = claim(self.results, run, self.spec, self.hb, slot)
+            if rec is None:
                 self.counts[{"done": "skipped", "failed": "failed_earlier"}.get(why, "running_elsewhere")] += 1
                 self.prog.total -= 1
                 self.log(f"{run.run_id}: {why} elsewhere meanwhile, not started")
                 continue
-            info["log_abs"] = os.path.join(self.spec.out_dir, info["log"])
-            self.pending = _Active(run, slot, info)
+            self.pending = _Active(run, slot, run_paths(self.spec.out_dir, run, rec["attempt"]), rec)
             _start(self.pending, self.spec)
             self.active.append(self.pending)
             self.free.pop(0)
@@ -263,8 +280,7 @@ class _Loop:
                     procs.signal_group(a.proc, procs.signal.SIGKILL)
                 continue
             procs.signal_group(a.proc, procs.signal.SIGKILL)  # leftovers of its group
-            a.info.pop("log_abs", None)
-            rec = _finish(a, rc, spec, self.ledger)
+            rec = _finish(a, rc, spec, self.results)
             self.active.remove(a)
             self.free.append(a.slot)
             self.counts[rec["status"]] += 1
@@ -288,10 +304,8 @@ class _Loop:
         cut = self.active + ([self.pending] if self.pending is not None and self.pending not in self.active else [])
         procs.stop_all([a.proc for a in cut if a.proc is not None], self.spec.grace, hurry)
         for a in cut:
-            a.info.pop("log_abs", None)
             wall = time.monotonic() - a.t0 if a.t0 else 0.0
-            self.ledger.append(a.run.run_id, "interrupted", reason=reason, wall_time_s=wall, end_time=time.time(),
-                               **a.info)
+            self.results.close(a.info, "interrupted", reason=reason, wall_time_s=wall, end_time=time.time())
         self.active, self.pending = [], None
 
     def run(self) -> None:

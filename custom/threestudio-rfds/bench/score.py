@@ -6,8 +6,10 @@ For a render I (one test view) of a run with prompt p, among the suite's prompts
     CLIP score   = 100 · max(s(I, p), 0)                       (torchmetrics' CLIPScore convention)
     R-precision  = 1[argmax_q∈P s(I, q) = p]                   (R = 1, DreamFusion / T3Bench style)
 
-Both are reported per view and averaged over the views of a run.  R-precision is only
-informative with several prompts: with one prompt it is 1 by construction (flagged in the output).
+Both are reported per view and averaged over the views of a run.  Prompts that the scorer's tokenizer
+turns into the same tokens (CLIP lower-cases and truncates to 77 tokens) have identical text embeddings:
+they are one class for R-precision (a hit on either counts), and the scorer says so.  R-precision is only
+informative with several classes: with one it is 1 by construction (flagged in the output).
 Preprocessing (no torchvision): keep the first panel of threestudio's test grid (rgb | normal |
 opacity, square panels), bicubic resize of the short side, centre crop, CLIP normalisation — the
 sizes and statistics come from the model's ``preprocessor_config.json`` when it has one.
@@ -24,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..backends.base import resolve_device
 from ..atomic import write_json
-from .ledger import Ledger
-from .paths import check_results, local_path
+from ..backends.base import resolve_device
+from .paths import local_path
+from .results import Results, read_suite_file
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -143,10 +145,20 @@ class ClipScorer:
         self.batch_size = batch_size
         self.name = model
 
+    @property
+    def max_length(self) -> int:
+        return getattr(self.model.config.text_config, "max_position_embeddings", 77)
+
+    def prompt_classes(self, prompts: Sequence[str]) -> List[int]:
+        """For each prompt, the index of the first prompt the tokenizer turns into the same tokens."""
+        ids = self.tokenizer(list(prompts), truncation=True, max_length=self.max_length)["input_ids"]
+        first: Dict[tuple, int] = {}
+        return [first.setdefault(tuple(t), i) for i, t in enumerate(ids)]
+
     @torch.no_grad()
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
-        max_len = getattr(self.model.config.text_config, "max_position_embeddings", 77)
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
         out = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
                                            attention_mask=tok["attention_mask"].to(self.device))
         out = getattr(out, "pooler_output", out)
@@ -162,28 +174,41 @@ class ClipScorer:
         return torch.nn.functional.normalize(torch.cat(feats), dim=-1)
 
 
-def score_views(sims: torch.Tensor, true_index: int) -> List[Dict[str, float]]:
-    """Per-view metrics from cosine similarities ``sims`` [V, P] against all prompts."""
+def score_views(sims: torch.Tensor, true_index: int, classes: Optional[Sequence[int]] = None) -> List[Dict[str, float]]:
+    """Per-view metrics from cosine similarities ``sims`` [V, P] against all prompts; ``classes[p]``
+    (default: each prompt its own) says which prompts R-precision counts as the same."""
+    classes = list(range(sims.shape[1])) if classes is None else list(classes)
     top = sims.argmax(dim=1)
     return [
         {"cosine": float(sims[v, true_index]), "clip_score": 100.0 * max(float(sims[v, true_index]), 0.0),
-         "top1": int(top[v]), "r_precision": float(int(top[v]) == true_index)}
+         "top1": int(top[v]), "r_precision": float(classes[int(top[v])] == classes[true_index])}
         for v in range(sims.shape[0])
     ]
 
 
 def score_results(out_dir: str, scorer: ClipScorer, *, panel: str = "first-square",
                   max_views: Optional[int] = None, log=print) -> Dict[str, object]:
-    """Score every finished run in a results folder; writes and returns ``scores.json``."""
+    """Score every finished run of the suite's current revision; writes and returns ``scores.json``."""
     if panel not in PANELS:
         raise ValueError(f"panel must be one of {list(PANELS)}, got {panel!r}")
-    suite_file = check_results(out_dir)
-    with open(suite_file, encoding="utf-8") as f:
-        prompts: List[str] = json.load(f)["prompts"]
+    suite = read_suite_file(out_dir)
+    prompts: List[str] = suite["prompts"]
+    digests = suite.get("digests", {})
+    classes = scorer.prompt_classes(prompts)
+    merged = [[p for p, c in zip(prompts, classes) if c == k] for k in sorted(set(classes))]
+    for group in (g for g in merged if len(g) > 1):
+        log(f"prompts {group} tokenise identically for {scorer.name} (truncated to {scorer.max_length} tokens, "
+            "lower-cased): R-precision scores them as one class")
     text = scorer.text_features(prompts)
     runs: Dict[str, object] = {}
-    for rid, rec in sorted(Ledger(os.path.join(out_dir, "ledger.jsonl")).state().items()):
+    for rid, rec in sorted(Results(out_dir).states().items()):
+        if rec["status"] == "missing":
+            log(f"skipping {rid}: {rec['missing']}")
+            continue
         if rec["status"] != "done" or not rec.get("renders"):
+            continue
+        if rec.get("digest") and digests.get(rid) and rec["digest"] != digests[rid]:
+            log(f"skipping {rid}: done with the settings of an earlier revision of the suite")
             continue
         if rec["prompt"] not in prompts:
             log(f"skipping {rid}: its prompt is not in suite.json")
@@ -206,7 +231,7 @@ def score_results(out_dir: str, scorer: ClipScorer, *, panel: str = "first-squar
             log(f"skipping {rid}: no readable render")
             continue
         sims = scorer.image_features(images) @ text.T
-        views = score_views(sims.cpu(), prompts.index(rec["prompt"]))
+        views = score_views(sims.cpu(), prompts.index(rec["prompt"]), classes)
         for v, f in zip(views, files):
             v["file"] = os.path.relpath(f, out_dir)
         cs = np.array([v["clip_score"] for v in views])
@@ -216,6 +241,6 @@ def score_results(out_dir: str, scorer: ClipScorer, *, panel: str = "first-squar
                      "r_precision": float(np.mean([v["r_precision"] for v in views])), "views": views}
         log(f"{rid}: CLIP score {cs.mean():.2f}, R-precision {runs[rid]['r_precision']:.3f} over {len(views)} views")
     result = {"clip_model": scorer.name, "panel": panel, "max_views": max_views, "prompts": prompts,
-              "r_precision_informative": len(prompts) > 1, "runs": runs}
+              "prompt_classes": classes, "r_precision_informative": len(set(classes)) > 1, "runs": runs}
     write_json(os.path.join(out_dir, "scores.json"), result, sort_keys=True)
     return result

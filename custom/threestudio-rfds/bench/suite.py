@@ -11,6 +11,7 @@
     slurm: {partition: gpu, time_min: 240, sbatch: {qos: high}}  # optional, --executor slurm defaults
 
 A run is one (config, prompt, seed); its id ``<label>/<prompt-slug>/s<seed>`` names its folder.
+This module is data only: it imports nothing else of bench/ but the errors and the ``slurm:`` options.
 """
 from __future__ import annotations
 
@@ -22,15 +23,14 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .errors import SuiteError
+from .options import OPTION_KEYS, SlurmOptions
+
 SUITE_KEYS = {"name", "description", "configs", "seeds", "overrides", "prompts", "slurm"}
 CONFIG_KEYS = {"path", "label", "overrides"}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*=.*$")
 RESERVED_OVERRIDES = ("system.prompt_processor.prompt", "seed", "exp_root_dir", "name", "tag", "use_timestamp")
-
-
-class SuiteError(ValueError):
-    """A suite file that does not follow the schema; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ def _fail(where: str, msg: str) -> None:
     raise SuiteError(f"{where}: {msg}")
 
 
-def _check_overrides(where: str, value: Any) -> List[str]:
+def check_overrides(where: str, value: Any) -> List[str]:
+    """``value`` as a list of OmegaConf ``key=value`` overrides a suite may set (SuiteError otherwise)."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
@@ -109,7 +110,9 @@ def _check_overrides(where: str, value: Any) -> List[str]:
     for o in value:
         if not _OVERRIDE.match(o):
             _fail(where, f"override {o!r} is not of the form key=value (OmegaConf dotlist)")
-        key = o.split("=", 1)[0]
+        key, val = o.split("=", 1)
+        if not val.strip():  # OmegaConf would make it None, and the launch fail late or run with a default
+            _fail(where, f"override {o!r} has no value; give key=value (key='' for an empty string)")
         if key in RESERVED_OVERRIDES:
             _fail(where, f"override {o!r} sets {key!r}, which the runner sets itself ({', '.join(RESERVED_OVERRIDES)})")
     return list(value)
@@ -140,6 +143,12 @@ def parse_suite(data: Any, where: str = "suite") -> Suite:
     dup = sorted({p for p in prompts if prompts.count(p) > 1})
     if dup:
         _fail(where, f"duplicate prompts {dup} (compared after normalising whitespace)")
+    first: Dict[str, str] = {}
+    for p in prompts:  # CLIP lower-cases text: R-precision could not tell such prompts apart
+        other = first.setdefault(p.lower(), p)
+        if other != p:
+            _fail(where, f"prompts {other!r} and {p!r} differ only in letter case: the scorer (CLIP) tokenises "
+                         "them identically, so R-precision cannot tell them apart; keep one")
 
     seeds = data.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -171,7 +180,7 @@ def parse_suite(data: Any, where: str = "suite") -> Suite:
         label = c.get("label") or os.path.splitext(os.path.basename(path))[0]
         if not isinstance(label, str) or not _NAME.match(label):
             raise SuiteError(f"{cw}: 'label' must be letters, digits, '_', '.', '-', got {label!r}")
-        configs.append(ConfigEntry(path, label, _check_overrides(cw, c.get("overrides"))))
+        configs.append(ConfigEntry(path, label, check_overrides(cw, c.get("overrides"))))
     labels = [c.label for c in configs]
     if len(set(labels)) != len(labels):
         _fail(where, f"config labels must be unique (set 'label' to tell them apart), got {labels}")
@@ -182,8 +191,6 @@ def parse_suite(data: Any, where: str = "suite") -> Suite:
     slurm = data.get("slurm") or {}
     if not isinstance(slurm, dict):
         _fail(where, f"'slurm' must be a mapping of executor options, got {slurm!r}")
-    from .slurm import OPTION_KEYS, SlurmOptions
-
     unknown = set(slurm) - OPTION_KEYS
     if unknown:
         _fail(where, f"slurm: unknown keys {sorted(unknown)}; allowed keys are {sorted(OPTION_KEYS)}")
@@ -191,7 +198,7 @@ def parse_suite(data: Any, where: str = "suite") -> Suite:
         SlurmOptions(**slurm)
     except SuiteError as e:
         _fail(where, str(e))
-    return Suite(name, prompts, configs, list(seeds), _check_overrides(where, data.get("overrides")), desc,
+    return Suite(name, prompts, configs, list(seeds), check_overrides(where, data.get("overrides")), desc,
                  slurm=dict(slurm))
 
 
@@ -246,10 +253,3 @@ def load_suite(name_or_path: str) -> Suite:
     suite.source = os.path.abspath(path)
     return suite
 
-
-def suite_digest(suite: Suite) -> str:
-    """Short hash of what determines the runs (prompts, seeds, configs, overrides)."""
-    d = suite.to_dict()
-    for k in ("source", "description", "slurm"):
-        d.pop(k, None)
-    return hashlib.sha1(repr(sorted(d.items())).encode()).hexdigest()[:12]

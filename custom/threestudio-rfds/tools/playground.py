@@ -6,7 +6,7 @@ every step, z_i = E(x_i), and projected back to [0, 1] after each update).  Ever
 batch of particles and minimises the RFDS loss, whose gradient wrt z is
 g = w(t)·(v̂_cfg(z_t, t) − (ε − z)) (rfds.py), with AdamW.  RFDS-Rev first refines ε by iRFDS.
 
-Outputs in --out: ``final_<i>.png``, ``final_grid.png``, ``progress.gif`` and
+Outputs in --out: ``final_<i>.png``, ``final_grid.png`` (labelled with the step and the prompt), ``progress.gif`` and
 ``progress_grid.png`` (rows = saved steps, labelled), ``curves.png`` (loss, grad-norm),
 ``history.json`` and ``run.json`` (every setting, the command line, library versions and the
 run's ``status``).  The folder is written beside --out and moved into place at the end: --out
@@ -179,7 +179,9 @@ def save_outputs(res: Dict[str, object], args, folder: str) -> Dict[str, object]
     p = lambda name: os.path.join(folder, name)  # noqa: E731
     step, final = res["frames"][-1]
     files = [images.save_png(im, p(f"final_{i}.png")) for i, im in enumerate(final)]
-    files.append(images.save_png(images.grid(final), p("final_grid.png")))
+    label = f"step {step}: {args.prompt}" + ("" if res["status"] == "complete" else f" ({res['status']})")
+    files.append(images.save_png(images.titled([images.grid([images.upscale(im) for im in final])], [label])[0],
+                                 p("final_grid.png")))
     rows = [images.titled([images.hstack([images.upscale(im) for im in ims], pad=2)], [f"step {s}"])[0]
             for s, ims in res["frames"]]
     files.append(images.save_png(images.grid(rows, ncols=1, pad=6), p("progress_grid.png")))
