@@ -24,7 +24,8 @@ from ts_support import CONFIG_DIR, shipped_configs, threestudio_root
 
 pytestmark = [pytest.mark.threestudio, pytest.mark.slow]
 
-GS_CONFIGS = {"rfds-sd3-gs.yaml": "sd3", "rfds-rev-sd3-gs.yaml": "sd3", "rfds-instaflow-gs.yaml": "instaflow"}
+GS_CONFIGS = {"rfds-sd3-gs.yaml": "sd3", "rfds-rev-sd3-gs.yaml": "sd3", "rfds-instaflow-gs.yaml": "instaflow",
+              "rfds-flux-schnell-gs.yaml": "flux-schnell", "rfds-flux-dev-gs.yaml": "flux-dev"}
 PROMPT = "a ceramic vase with peonies"
 STEPS, EVERY, REFINE_STOP = 6, 3, 5
 PLY_FIELDS = (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"]
@@ -47,8 +48,9 @@ def launch_dir(root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def models(tiny_sd3_path, tiny_instaflow_path):
-    return {"sd3": tiny_sd3_path, "instaflow": tiny_instaflow_path}
+def models(tiny_sd3_path, tiny_instaflow_path, tiny_flux_paths):
+    return {"sd3": tiny_sd3_path, "instaflow": tiny_instaflow_path, "flux-schnell": tiny_flux_paths["schnell"],
+            "flux-dev": tiny_flux_paths["dev"]}
 
 
 def read_ply(path: str) -> dict:
