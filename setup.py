@@ -68,7 +68,7 @@ setup(
             "rfds-edit=threestudio_rfds.tools.edit:main",
             "rfds-bench=threestudio_rfds.bench.cli:main",
             "rfds-benchmark-step=threestudio_rfds.steptime.guidance_step:main",
-            "rfds-link=threestudio_rfds.adapter.link:main",
+            "rfds-link=threestudio_rfds.adapter.link_cli:main",
             "rfds-setup=threestudio_rfds.adapter.setup_env:main",
         ]
     },

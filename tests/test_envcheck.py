@@ -9,7 +9,7 @@ import time
 import pytest
 
 from threestudio_rfds.adapter import envcheck, envset
-from threestudio_rfds.adapter import link as rfds_link
+from threestudio_rfds.adapter import link_cli as rfds_link
 
 from test_threestudio_optional import _checkout
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from threestudio_rfds import flow
-from threestudio_rfds.adapter import link as rfds_link
+from threestudio_rfds.adapter import link_cli as rfds_link
 from threestudio_rfds.adapter.cache_worker import (
     encode_to_threestudio_cache,
     options_tag,

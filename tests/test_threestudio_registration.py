@@ -63,7 +63,7 @@ def test_name_taken_by_another_extension_is_skipped_with_a_warning(ts):
 
 
 def test_rfds_link_into_a_checkout_then_launch_loads_it(ts, tmp_path):
-    from threestudio_rfds.adapter.link import main
+    from threestudio_rfds.adapter.link_cli import main
 
     root = tmp_path / "threestudio"
     (root / "custom").mkdir(parents=True)

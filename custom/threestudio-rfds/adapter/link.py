@@ -1,6 +1,5 @@
-"""``rfds-link``: make this package a threestudio extension.
-
-    rfds-link [THREESTUDIO_ROOT] [--force] [--check [--for training]]
+"""Make this package a threestudio extension (the mechanism behind ``rfds-link``, whose command
+line is :mod:`.link_cli`).
 
 Symlinks the installed package folder to ``<threestudio>/custom/threestudio-rfds`` (where
 threestudio's ``launch.py`` loads extensions) after checking the threestudio checkout, its
@@ -11,11 +10,9 @@ of :mod:`.envcheck` (exit status 1 on any problem; ``--for training`` also count
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
-import sys
 from dataclasses import dataclass
 from importlib import metadata
 from typing import List, Optional
@@ -143,38 +140,3 @@ def link_problem(root: str, force: bool = False) -> Optional[str]:
     if not os.access(where, os.W_OK):
         return f"{where} is not writable (a read-only checkout?): the link goes in {custom}; make it writable"
     return None
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="rfds-link", description=__doc__.split("\n\n")[0])
-    p.add_argument("root", nargs="?", default=os.environ.get("THREESTUDIO_ROOT", "."),
-                   help="threestudio checkout (default: $THREESTUDIO_ROOT or the current folder)")
-    p.add_argument("--force", action="store_true", help="replace an existing link to another folder")
-    p.add_argument("--check", action="store_true",
-                   help="change nothing; print the environment table (exit 1 on any problem)")
-    from .envcheck import add_purpose_arg
-
-    add_purpose_arg(p)
-    args = p.parse_args(argv)
-    if args.purpose != "libraries" and not args.check:
-        p.error("--for applies to --check: rfds-link ROOT --check --for training")
-    root = os.path.abspath(args.root)
-    if args.check:
-        from .envcheck import report
-
-        return report(root, purpose=args.purpose)
-    try:
-        for line in check_versions(root):
-            print(f"ok: {line}")
-        target = link(root, force=args.force)
-    except LinkError as e:
-        print(f"rfds-link: error: {e}", file=sys.stderr)
-        return 1
-    print(f"linked {target} -> {PACKAGE_DIR}")
-    print(f"run: cd {root} && python launch.py --config custom/{EXTENSION_NAME}/configs/rfds-sd3.yaml --train "
-          "--gpu 0 system.prompt_processor.prompt=\"a DSLR photo of a hamburger\"")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
