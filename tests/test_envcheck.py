@@ -213,3 +213,16 @@ def test_with_cuda_and_the_builds_the_training_check_passes_those_rows(tmp_path,
     rows = _rows(envcheck.check_environment(str(root), "training"))
     assert "GPU" not in rows and rows["tinycudann"].status == envcheck.OK
     assert rows["extension link"].status == envcheck.FAIL  # launch.py --train needs the plugin linked
+
+
+def test_a_prebuilt_extension_is_found_on_disk_without_importing(tmp_path, monkeypatch):
+    """nerfacc/gsplat ship prebuilt kernels as ``<package>/csrc.*.so``: found from the package folder,
+    with nothing imported (a stand-in already in sys.modules does not confuse it)."""
+    pkg = tmp_path / "fakeext"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not envcheck.jit_extension_built("fakeext.csrc", "fakeext_cuda") or envcheck.no_gpu_reason() is None
+    (pkg / "csrc.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert envcheck.jit_extension_built("fakeext.csrc", "fakeext_cuda")
+    assert not envcheck.jit_extension_built("no_such_package_here.csrc", "x") or envcheck.no_gpu_reason() is None

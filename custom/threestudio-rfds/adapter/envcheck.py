@@ -148,15 +148,21 @@ def no_gpu_reason() -> Optional[str]:
 
 
 def jit_extension_built(prebuilt: str, build_name: str) -> bool:
-    """Whether a compiled-on-first-use CUDA extension is there (a prebuilt module such as
-    ``nerfacc.csrc``, or a finished JIT build ``<build_name>*.so``), without triggering a build."""
+    """Whether a compiled-on-first-use CUDA extension is there (a prebuilt binary module such as
+    ``nerfacc.csrc`` in the installed package, or a finished JIT build ``<build_name>*.so``), read
+    from disk: nothing is imported or built."""
     import importlib.util
 
+    package, _, name = prebuilt.partition(".")
     try:
-        if importlib.util.find_spec(prebuilt) is not None:
-            return True
-    except ImportError:
+        spec = importlib.util.find_spec(package)  # a top-level name: the package is not imported
+    except (ImportError, ValueError):
         return False
+    if spec is None:
+        return False
+    for folder in spec.submodule_search_locations or ():
+        if any(f.startswith(name + ".") and f.endswith((".so", ".pyd")) for f in os.listdir(folder)):
+            return True
     import torch
 
     if not torch.cuda.is_available():  # a JIT build needs CUDA (and importing cpp_extension warns without it)
