@@ -100,6 +100,15 @@ def counted(monkeypatch):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (the kernel stand-ins are checked without threading noise)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def tmpfs(tmp_path):
     """A real 64 KiB tmpfs (needs root and mount; skipped with the reason otherwise)."""
     from full_disk import mount_tmpfs, umount

@@ -31,12 +31,7 @@ from gsplat.cuda import _torch_impl as ti  # noqa: E402
 W, H = 40, 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def look_at(eye, target=(0.0, 0.0, 0.0)) -> torch.Tensor:

@@ -23,12 +23,7 @@ from nerfacc.grid import _enlarge_aabb  # noqa: E402
 _C = sys.modules["nerfacc.cuda._backend"]._C
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_chunks(gen, n_rays=12, max_len=70):
