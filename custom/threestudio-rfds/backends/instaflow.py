@@ -59,13 +59,6 @@ def merged_unet_state(state: Dict[str, Tensor], delta: Dict[str, Tensor], alpha:
                 for k, w in state.items()}
 
 
-def merge_unet_delta(unet: torch.nn.Module, delta: Dict[str, Tensor], alpha: float = 1.0) -> torch.nn.Module:
-    """W ← W + α·dW (the reference's transfer of an SD1.5 fine-tune onto InstaFlow): the merge
-    is computed first (:func:`merged_unet_state`), then loaded in one ``load_state_dict``."""
-    unet.load_state_dict(merged_unet_state(unet.state_dict(), delta, alpha), strict=True)
-    return unet
-
-
 # ---------------------------------------------------------------- merge cache
 MERGE_CACHE_FORMAT = 2  # 2: entries carry their identities and the sha256 of their tensors
 log = logging.getLogger("threestudio_rfds")
@@ -121,13 +114,6 @@ def merge_cache_entry(instaflow: Optional[dict], base: Optional[dict], finetuned
         return None
     return json.dumps({"format": MERGE_CACHE_FORMAT, "instaflow": instaflow, "base": base, "finetuned": finetuned,
                        "alpha": float(alpha)}, sort_keys=True, default=str)
-
-
-def merge_cache_key(instaflow: Optional[dict], base: Optional[dict], finetuned: Optional[dict],
-                    alpha: float) -> Optional[str]:
-    """sha256 of :func:`merge_cache_entry`: the cache file's name; None when it is None."""
-    entry = merge_cache_entry(instaflow, base, finetuned, alpha)
-    return None if entry is None else hashlib.sha256(entry.encode()).hexdigest()
 
 
 def _entry_file(cache_dir: str, entry: str) -> str:
