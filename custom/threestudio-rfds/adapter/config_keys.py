@@ -3,7 +3,7 @@ traceback (``parse_structured`` raises deep inside with the whole dataclass prin
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, ClassVar, Iterable, Mapping, Optional
 
 
 class UnknownConfigKeyError(ValueError):
@@ -21,3 +21,15 @@ def check_config_keys(where: str, allowed: Iterable[str], cfg: Optional[Mapping[
 def dataclass_keys(cls) -> list:
     """The field names of a (config) dataclass."""
     return [f.name for f in dataclasses.fields(cls)]
+
+
+class KnownKeys:
+    """Mixin (first base) for a threestudio class with a dataclass ``Config``: its ``__init__``
+    checks the config block's keys, naming the class by ``registered_name``, before threestudio
+    parses it."""
+
+    registered_name: ClassVar[str] = ""
+
+    def __init__(self, cfg: Optional[Mapping[str, Any]] = None, *args: Any, **kwargs: Any) -> None:
+        check_config_keys(self.registered_name, dataclass_keys(self.Config), cfg)
+        super().__init__(cfg, *args, **kwargs)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_write
-from .params import PARAM_NAMES
+from .params import PARAM_NAMES, sh0_to_rgb
 
 _TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1",
           "char": "i1", "int8": "i1", "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
@@ -150,7 +150,7 @@ def read_vertices(path: str) -> Dict[str, np.ndarray]:
 def read_splat_ply(path: str) -> Dict[str, Tensor]:
     """A 3DGS PLY back into a splat set (inverse of :func:`write_splat_ply`)."""
     v = read_vertices(path)
-    missing = [k for k in splat_fields(0) if k not in v and not k.startswith("n")]
+    missing = [k for k in splat_fields(0) if k not in v and k not in ("nx", "ny", "nz")]  # normals are optional
     if missing:
         raise PlyError(f"{path!r} is not a 3DGS PLY: it lacks {missing}")
     col = lambda names: torch.from_numpy(np.stack([v[k] for k in names], axis=1).astype(np.float32))  # noqa: E731
@@ -202,8 +202,6 @@ def read_point_cloud(path: str) -> Tuple[Tensor, Optional[Tensor]]:
         rgb = rgb.astype(np.float32) / (255.0 if rgb.dtype == np.uint8 else 1.0)
         return xyz, torch.from_numpy(rgb)
     if all(f"f_dc_{i}" in v for i in range(3)):
-        from .params import sh0_to_rgb
-
         dc = torch.from_numpy(np.stack([v[f"f_dc_{i}"] for i in range(3)], axis=1).astype(np.float32))
         return xyz, sh0_to_rgb(dc).clamp(0, 1)
     return xyz, None

@@ -6,21 +6,23 @@ them atomically."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 
 from ...checks import check_int, check_positive
 from ...splats.density import grid_points, splat_density
 from ..compat import require_threestudio
-from ..config_keys import check_config_keys, dataclass_keys
+from ..config_keys import KnownKeys
 
 require_threestudio()
 from threestudio.models.exporters.base import Exporter, ExporterOutput  # noqa: E402
 from threestudio.models.isosurface import MarchingCubeCPUHelper  # noqa: E402
 
 
-class GaussianExporter(Exporter):
+class GaussianExporter(KnownKeys, Exporter):
+    registered_name = "rfds-gaussian-exporter"
+
     @dataclass
     class Config(Exporter.Config):
         ply: bool = True  # gaussians.ply (3DGS layout)
@@ -29,10 +31,6 @@ class GaussianExporter(Exporter):
         mesh_threshold: float = 0.5  # the density level ρ of the surface (ρ of one splat peaks at its opacity)
 
     cfg: Config
-
-    def __init__(self, cfg: Optional[dict] = None, *args, **kwargs) -> None:
-        check_config_keys("rfds-gaussian-exporter", dataclass_keys(self.Config), cfg)
-        super().__init__(cfg, *args, **kwargs)
 
     def configure(self, *args, **kwargs) -> None:
         super().configure(*args, **kwargs)
@@ -65,4 +63,4 @@ class GaussianExporter(Exporter):
                               {"vertices": v_pos, "faces": mesh.t_pos_idx, "colors": v_rgb})
 
 
-EXPORTERS = {"rfds-gaussian-exporter": GaussianExporter}
+EXPORTERS = {GaussianExporter.registered_name: GaussianExporter}

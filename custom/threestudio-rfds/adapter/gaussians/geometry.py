@@ -16,7 +16,7 @@ from ...checks import check_choice, check_int, check_positive, check_range
 from ...splats.params import PARAM_NAMES, points_in_ball, splats_from_points
 from ...splats.ply import read_point_cloud, read_splat_ply, sh_degree_of
 from ..compat import require_threestudio
-from ..config_keys import check_config_keys, dataclass_keys
+from ..config_keys import KnownKeys
 
 require_threestudio()
 from threestudio.models.geometry.base import BaseGeometry  # noqa: E402
@@ -24,8 +24,10 @@ from threestudio.models.geometry.base import BaseGeometry  # noqa: E402
 INITS = ("sphere", "point-cloud", "splats")
 
 
-class GaussianGeometry(BaseGeometry):
+class GaussianGeometry(KnownKeys, BaseGeometry):
     """Splats initialised in a ball, from a point cloud, or from a 3DGS PLY (``init``)."""
+
+    registered_name = "rfds-gaussians"
 
     @dataclass
     class Config(BaseGeometry.Config):
@@ -39,10 +41,6 @@ class GaussianGeometry(BaseGeometry):
         radius: float = 1.0  # half-size of the scene cube (mesh export grid)
 
     cfg: Config
-
-    def __init__(self, cfg: Optional[dict] = None, *args, **kwargs) -> None:
-        check_config_keys("rfds-gaussians", dataclass_keys(self.Config), cfg)
-        super().__init__(cfg, *args, **kwargs)
 
     def configure(self) -> None:
         super().configure()
@@ -94,4 +92,4 @@ class GaussianGeometry(BaseGeometry):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-GEOMETRIES = {"rfds-gaussians": GaussianGeometry}
+GEOMETRIES = {GaussianGeometry.registered_name: GaussianGeometry}

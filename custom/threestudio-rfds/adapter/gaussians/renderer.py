@@ -9,7 +9,7 @@ depth along the camera axis) and ``gsplat_info`` (for the densification strategi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from torch import Tensor
 
@@ -17,13 +17,15 @@ from ...checks import check_choice, check_positive
 from ...splats.cameras import intrinsics_from_fovy, viewmats_from_c2w
 from ...splats.render import RASTERIZE_MODES, rasterize
 from ..compat import require_threestudio
-from ..config_keys import check_config_keys, dataclass_keys
+from ..config_keys import KnownKeys
 
 require_threestudio()
 from threestudio.models.renderers.base import Rasterizer  # noqa: E402
 
 
-class GsplatRenderer(Rasterizer):
+class GsplatRenderer(KnownKeys, Rasterizer):
+    registered_name = "rfds-gsplat-renderer"
+
     @dataclass
     class Config(Rasterizer.Config):
         near_plane: float = 0.01
@@ -32,10 +34,6 @@ class GsplatRenderer(Rasterizer):
         eps2d: float = 0.3  # added to the 2D covariance (pixels²), gsplat's default
 
     cfg: Config
-
-    def __init__(self, cfg: Optional[dict] = None, *args, **kwargs) -> None:
-        check_config_keys("rfds-gsplat-renderer", dataclass_keys(self.Config), cfg)
-        super().__init__(cfg, *args, **kwargs)
 
     def configure(self, *args, **kwargs) -> None:
         super().configure(*args, **kwargs)
@@ -57,4 +55,4 @@ class GsplatRenderer(Rasterizer):
                 "depth": depth, "gsplat_info": info}
 
 
-RENDERERS = {"rfds-gsplat-renderer": GsplatRenderer}
+RENDERERS = {GsplatRenderer.registered_name: GsplatRenderer}

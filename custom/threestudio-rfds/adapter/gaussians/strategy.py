@@ -3,7 +3,6 @@ views they need (docs/gaussians.md §6).  Nothing here densifies: gsplat's
 ``DefaultStrategy`` / ``MCMCStrategy`` do."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, List, Mapping
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor
 from ...checks import check_choice
 from ...splats.params import PARAM_NAMES
 from ...splats.render import require_gsplat
-from ..config_keys import check_config_keys
+from ..config_keys import check_config_keys, dataclass_keys
 
 STRATEGY_TYPES = ("default", "mcmc")
 
@@ -27,15 +26,27 @@ def make_strategy(kind: str, options: Mapping[str, Mapping[str, Any]]):
     gsplat = require_gsplat()
     cls = gsplat.DefaultStrategy if kind == "default" else gsplat.MCMCStrategy
     chosen = dict((options or {}).get(kind) or {})
-    check_config_keys(f"system.strategy.{kind} ({cls.__name__})", [f.name for f in dataclasses.fields(cls)], chosen)
+    check_config_keys(f"system.strategy.{kind} ({cls.__name__})", dataclass_keys(cls), chosen)
     return cls(**chosen)
+
+
+def is_mcmc(strategy) -> bool:
+    return type(strategy).__name__ == "MCMCStrategy"
 
 
 def initial_state(strategy, scene_scale: float) -> Dict[str, Any]:
     """The strategy's running state (DefaultStrategy takes the scene scale its thresholds scale by)."""
-    if type(strategy).__name__ == "DefaultStrategy":
-        return strategy.initialize_state(scene_scale=scene_scale)
-    return strategy.initialize_state()
+    return strategy.initialize_state() if is_mcmc(strategy) else strategy.initialize_state(scene_scale=scene_scale)
+
+
+def post_backward(strategy, params, views: Mapping[str, "GroupView"], state: Dict[str, Any], step: int,
+                  info: Dict[str, Any]) -> None:
+    """``strategy.step_post_backward`` with what each strategy takes: MCMC the means' learning
+    rate (its noise scale), Default the (unpacked) layout of ``info``."""
+    if is_mcmc(strategy):
+        strategy.step_post_backward(params, views, state, step, info, lr=views["means"].param_groups[0]["lr"])
+    else:
+        strategy.step_post_backward(params, views, state, step, info, packed=False)
 
 
 class GroupView:

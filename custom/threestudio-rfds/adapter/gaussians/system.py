@@ -21,8 +21,8 @@ from ...checks import check_positive
 from ...splats.obj import write_obj
 from ...splats.ply import write_splat_ply
 from ..compat import require_threestudio
-from ..config_keys import check_config_keys, dataclass_keys
-from .strategy import check_splat_groups, initial_state, make_strategy, splat_group_views, state_to
+from ..config_keys import KnownKeys
+from .strategy import check_splat_groups, initial_state, make_strategy, post_backward, splat_group_views, state_to
 
 threestudio = require_threestudio()
 from threestudio.systems.base import BaseLift3DSystem  # noqa: E402
@@ -30,7 +30,6 @@ from threestudio.systems.utils import parse_optimizer  # noqa: E402
 from threestudio.utils.config import config_to_primitive  # noqa: E402
 
 CKPT_KEY = "rfds_gaussians"
-REGULARISERS = ("lambda_sparsity", "lambda_opaque", "lambda_opacity", "lambda_scale")
 
 
 def default_optimizer() -> Dict[str, Any]:
@@ -40,7 +39,9 @@ def default_optimizer() -> Dict[str, Any]:
             "params": {f"geometry.splats.{k}": {"lr": v} for k, v in lrs.items()}}
 
 
-class GaussianSystem(BaseLift3DSystem):
+class GaussianSystem(KnownKeys, BaseLift3DSystem):
+    registered_name = "rfds-gaussian-system"
+
     @dataclass
     class Config(BaseLift3DSystem.Config):
         geometry_type: str = "rfds-gaussians"
@@ -55,10 +56,6 @@ class GaussianSystem(BaseLift3DSystem):
         optimizer: dict = field(default_factory=default_optimizer)
 
     cfg: Config
-
-    def __init__(self, cfg, resumed: bool = False) -> None:
-        check_config_keys("rfds-gaussian-system", dataclass_keys(self.Config), cfg)
-        super().__init__(cfg, resumed)
 
     def configure(self) -> None:
         check_positive("system.scene_scale", self.cfg.scene_scale)
@@ -94,6 +91,10 @@ class GaussianSystem(BaseLift3DSystem):
         if self.cfg.export_ply_at_end:
             self.export_dir(self.trainer.max_steps)
 
+    def on_train_start(self) -> None:
+        """The running state on the splats' device (a checkpoint holds it on the CPU)."""
+        self.strategy_state = state_to(self.strategy_state, self.geometry.splats["means"].device)
+
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         step = self.true_global_step
         opt = self.optimizers()
@@ -101,7 +102,6 @@ class GaussianSystem(BaseLift3DSystem):
         for group in optimizer.param_groups:
             if group.get("name") in self._lr_schedules:
                 group["lr"] = self.C(self._lr_schedules[group["name"]])
-        self.strategy_state = state_to(self.strategy_state, self.geometry.splats["means"].device)
         views = splat_group_views(optimizer)
         out = self(batch)
         info = out["gsplat_info"]
@@ -113,11 +113,7 @@ class GaussianSystem(BaseLift3DSystem):
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-        if type(self.strategy).__name__ == "MCMCStrategy":
-            lr = views["means"].param_groups[0]["lr"]
-            self.strategy.step_post_backward(self.geometry.splats, views, self.strategy_state, step, info, lr=lr)
-        else:
-            self.strategy.step_post_backward(self.geometry.splats, views, self.strategy_state, step, info, packed=False)
+        post_backward(self.strategy, self.geometry.splats, views, self.strategy_state, step, info)
         self.log("train/num_gaussians", float(self.geometry.num_gaussians))
         return {"loss": loss.detach()}
 
@@ -211,4 +207,4 @@ class GaussianSystem(BaseLift3DSystem):
         return write_obj(self.get_save_path(filename), vertices, faces, colors)
 
 
-SYSTEMS = {"rfds-gaussian-system": GaussianSystem}
+SYSTEMS = {GaussianSystem.registered_name: GaussianSystem}
