@@ -177,3 +177,23 @@ def maybe_compile(module: torch.nn.Module, compile: Union[bool, str]) -> None:
     check_choice("compile", compile, COMPILE_MODES)
     if compile:
         module.compile(mode=None if compile in (True, "default") else compile)
+
+
+JOINT_COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds")  # SD3's and FLUX's MMDiT conditions
+
+
+def check_joint_cond(cond, name: str, family: str, config) -> None:
+    """An MMDiT condition (SD3, FLUX.1): ``prompt_embeds`` [B, L, joint_attention_dim] and
+    ``pooled_prompt_embeds`` [B, pooled_projection_dim] of the transformer ``config``; one line naming
+    ``name``, the key, the shape given and the shape needed."""
+    missing = [k for k in JOINT_COND_KEYS if k not in cond]
+    if missing:
+        raise ValueError(f"{name}: the {family} condition needs keys {list(JOINT_COND_KEYS)}, missing {missing} "
+                         f"(got {sorted(cond)})")
+    pe, pp = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+    if pe.ndim != 3 or pe.shape[-1] != config.joint_attention_dim:
+        raise ValueError(f"{name}['prompt_embeds'] must be [B, L, {config.joint_attention_dim}] (the transformer's "
+                         f"joint_attention_dim), got {tuple(pe.shape)}")
+    if pp.ndim != 2 or pp.shape[-1] != config.pooled_projection_dim:
+        raise ValueError(f"{name}['pooled_prompt_embeds'] must be [B, {config.pooled_projection_dim}] (the "
+                         f"transformer's pooled_projection_dim), got {tuple(pp.shape)}")

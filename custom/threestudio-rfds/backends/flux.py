@@ -16,7 +16,6 @@ Only ``transformer``, ``vae`` and the scheduler config are loaded; prompts are e
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional, Tuple, Union
@@ -27,8 +26,8 @@ from torch import Tensor
 from .. import flow
 from ..checks import DeferredChecks, check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, load_component, maybe_compile, prepare_rgb,
-                   resolve_device, resolve_dtype, vae_input)
+from .base import (COMPILE_MODES, JOINT_COND_KEYS, check_joint_cond, configure_vae, freeze, hub_kwargs,
+                   load_component, maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
 from .family import check_family
 from .flux_convention import (GUIDANCE_MODES, TimeShift, cfg_scale, flux_convention, flux_sigmas, guidance_settings,
                               image_seq_len, latent_image_ids, pack_latents, text_ids, unpack_latents)
@@ -37,7 +36,7 @@ from .quantize import check_quantization, quantization_config
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 LATENT_CHANNELS = 16
 ENCODE_MODES = ("sample", "mean")
-COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+COND_KEYS = JOINT_COND_KEYS
 DEFAULT_STEPS = {True: 28, False: 4}  # sampling steps: [dev] (FluxPipeline's default), [schnell] (its model card)
 
 
@@ -244,18 +243,7 @@ class FluxBackend:
     def check_cond(self, cond: Cond, name: str = "cond") -> None:
         """The keys and widths the transformer needs (T5 sequence, CLIP-L pooled); one line naming
         ``name``, the key, the shape given and the shape needed."""
-        missing = [k for k in COND_KEYS if k not in cond]
-        if missing:
-            raise ValueError(f"{name}: the FLUX condition needs keys {list(COND_KEYS)}, missing {missing} "
-                             f"(got {sorted(cond)})")
-        pe, pp = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
-        cfg = self.transformer.config
-        if pe.ndim != 3 or pe.shape[-1] != cfg.joint_attention_dim:
-            raise ValueError(f"{name}['prompt_embeds'] must be [B, L, {cfg.joint_attention_dim}] (the transformer's "
-                             f"joint_attention_dim), got {tuple(pe.shape)}")
-        if pp.ndim != 2 or pp.shape[-1] != cfg.pooled_projection_dim:
-            raise ValueError(f"{name}['pooled_prompt_embeds'] must be [B, {cfg.pooled_projection_dim}] (the "
-                             f"transformer's pooled_projection_dim), got {tuple(pp.shape)}")
+        check_joint_cond(cond, name, "FLUX", self.transformer.config)
 
     def _check_cond(self, cond: Cond, batch: int) -> Cond:
         self.check_cond(cond)

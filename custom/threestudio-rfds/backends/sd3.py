@@ -16,14 +16,15 @@ from torch import Tensor
 from .. import flow
 from ..checks import DeferredChecks, check_choice, check_shape
 from ..protocol import Cond, cfg_velocity, expand_cond
-from .base import (COMPILE_MODES, configure_vae, freeze, hub_kwargs, latent_noise_shape, load_component,
-                   maybe_compile, prepare_rgb, resolve_device, resolve_dtype, vae_input)
+from .base import (COMPILE_MODES, JOINT_COND_KEYS, check_joint_cond, configure_vae, freeze, hub_kwargs,
+                   latent_noise_shape, load_component, maybe_compile, prepare_rgb, resolve_device, resolve_dtype,
+                   vae_input)
 from .family import check_family
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 LATENT_CHANNELS = 16
 ENCODE_MODES = ("sample", "mean")
-COND_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+COND_KEYS = JOINT_COND_KEYS
 
 
 def sd3_sigmas(num_inference_steps: int, shift: float, num_train_timesteps: int = 1000) -> Tensor:
@@ -165,18 +166,7 @@ class SD3Backend:
     def check_cond(self, cond: Cond, name: str = "cond") -> None:
         """The keys and widths the transformer needs; one line naming ``name``, the key, the shape
         given and the shape needed (called by ``cfg_velocity`` for cond and uncond)."""
-        missing = [k for k in COND_KEYS if k not in cond]
-        if missing:
-            raise ValueError(f"{name}: the SD3 condition needs keys {list(COND_KEYS)}, missing {missing} "
-                             f"(got {sorted(cond)})")
-        pe, pp = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
-        cfg = self.transformer.config
-        if pe.ndim != 3 or pe.shape[-1] != cfg.joint_attention_dim:
-            raise ValueError(f"{name}['prompt_embeds'] must be [B, L, {cfg.joint_attention_dim}] (the transformer's "
-                             f"joint_attention_dim), got {tuple(pe.shape)}")
-        if pp.ndim != 2 or pp.shape[-1] != cfg.pooled_projection_dim:
-            raise ValueError(f"{name}['pooled_prompt_embeds'] must be [B, {cfg.pooled_projection_dim}] (the "
-                             f"transformer's pooled_projection_dim), got {tuple(pp.shape)}")
+        check_joint_cond(cond, name, "SD3", self.transformer.config)
 
     def _check_cond(self, cond: Cond, batch: int) -> Cond:
         self.check_cond(cond)
