@@ -10,7 +10,6 @@ same count; the PLY written at the end of training and the one ``--export`` writ
 plyfile, carry the 3DGS fields and finite values, and hold the checkpoint's splats; ``--export``
 with ``mesh: true`` also writes a mesh; renders are not constant."""
 import glob
-import math
 import os
 
 import numpy as np
